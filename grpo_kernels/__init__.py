@@ -1,0 +1,27 @@
+"""grpo_kernels: a fused, trustworthy GRPO loss for PyTorch, and a lean trainer that uses it.
+
+Drop-in use::
+
+    from grpo_kernels import grpo_loss
+    loss = grpo_loss(logits, tokens, rewards, mask, group_size=G)       # (S, T, V) logits
+    loss.backward()
+
+Importing the package does not import triton, build extensions or touch a GPU; it registers the
+package's own ``torch.library`` ops (``grpo_kernels::*``) so that ``torch.compile`` can trace them.
+"""
+
+from ._version import __version__
+from .backends import available_backends
+from .loss import GRPOLoss, grpo_loss, token_logprobs
+from .reference import compute_grpo_loss, group_advantages, group_weights
+
+__all__ = [
+    "__version__",
+    "compute_grpo_loss",
+    "grpo_loss",
+    "GRPOLoss",
+    "token_logprobs",
+    "group_weights",
+    "group_advantages",
+    "available_backends",
+]

@@ -1,0 +1,113 @@
+"""The ``torch.library`` custom ops behind every fused backend, with fake implementations and autograd.
+
+Two ops carry all logits-sized work:
+
+``grpo_kernels::logprobs_fwd(logits, tokens, mask, temperature, with_entropy, backend) -> (logp, lse, entropy)``
+``grpo_kernels::logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, backend)
+-> grad_logits``
+
+``backend`` names the kernel module (``"triton"``, ``"cuda"``, ``"cpu"``; see :mod:`grpo_kernels.backends`
+for the contract). Being custom ops with fake implementations, they are opaque to ``torch.compile``
+(``fullgraph=True`` traces through them) and checked by ``torch.library.opcheck``.
+
+Memory traffic: the forward reads each unmasked logits row once; the backward reads it once more and
+writes the gradient once (DESIGN.md §6). Masked rows are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends as _backends
+from . import validation as _v
+
+Tensor = torch.Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_ids(logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
+    # The kernels' own guard: an out-of-range id on a row they will read would be an out-of-bounds load.
+    V = logits.shape[-1]
+    bad = mask & ((tokens < 0) | (tokens >= V))
+    if bool(bad.any()):
+        raise ValueError(f"tokens must hold ids in [0, {V}) or -100 on unmasked positions; "
+                         f"found {tokens[bad][0].item()}")
+
+
+@torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
+def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_ids(logits, tokens, mask)
+    return _backends.kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy)
+
+
+@logprobs_fwd.register_fake
+def _(logits, tokens, mask, temperature, with_entropy, backend):
+    S, T, _ = logits.shape
+    dt = _acc_dtype(logits.dtype)
+    return (logits.new_empty((S, T), dtype=dt), logits.new_empty((S, T), dtype=dt),
+            logits.new_empty((S, T), dtype=dt))
+
+
+@torch.library.custom_op("grpo_kernels::logprobs_bwd", mutates_args=())
+def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
+                 lse: Tensor, entropy: Tensor, temperature: float, backend: str) -> Tensor:
+    return _backends.kernel_module(backend).logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse,
+                                                         entropy, temperature)
+
+
+@logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, mask, temperature, with_entropy, backend = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(logits, tokens, mask, lse, entropy)
+    ctx.temperature = temperature
+    ctx.with_entropy = with_entropy
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_entropy):
+    logits, tokens, mask, lse, entropy = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    grad_logp = grad_logp.to(lse.dtype).contiguous()
+    if grad_entropy is not None and ctx.with_entropy:
+        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+    else:
+        grad_entropy = None
+    grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature, ctx.backend)
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("grpo_kernels::logprobs_fwd", _backward, setup_context=_setup_context)
+
+
+def prepare(logits: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Bring user tensors into the layout the kernels take: logits ``(S, T, V)`` with unit vocabulary
+    stride (no copy unless the vocabulary dimension itself is strided), int64 tokens and a bool mask that
+    is False wherever ``mask == 0`` or ``tokens == -100``."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    keep = tokens != _v.IGNORE_INDEX
+    if mask is not None:
+        keep = keep & (mask != 0)
+    return logits, tokens.to(torch.int64).contiguous(), keep.contiguous()
+
+
+def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
+                         with_entropy: bool, backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(logp, entropy or None)`` of shape ``(S, T)`` through the custom op (differentiable)."""
+    logits, tokens, keep = prepare(logits, tokens, mask)
+    logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend)
+    return logp, (entropy if with_entropy else None)

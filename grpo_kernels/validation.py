@@ -1,0 +1,194 @@
+"""Argument validation shared by every backend.
+
+Every public entry point (``grpo_loss``, ``token_logprobs``, ``fused_linear_grpo_loss`` and the reference
+itself) funnels its arguments through the functions here, so that bad input raises the same clear
+``ValueError``/``TypeError`` whichever backend would have run -- never a crash inside a kernel, a NaN, or a
+silently wrong number.
+
+Checks that need the *values* of tensors (token ids in range, finite rewards) cost one device sync; they
+are skipped while ``torch.compile`` traces (data-dependent branches cannot be traced), and the kernel
+launchers re-check token ids themselves, so an out-of-range id never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+LOSS_TYPES = ("softmax", "grpo", "bnpo", "dr_grpo", "dapo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+IGNORE_INDEX = -100
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def check_positive_number(name: str, value, *, allow_zero: bool = False, allow_none: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name} must be a number, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a Python number, got a tensor ({_describe(value)}); use .item()")
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if allow_zero:
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    elif value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, shape=None, floating: Optional[bool] = None,
+                 device: Optional[torch.device] = None, allow_none: bool = False) -> None:
+    """Type, rank, shape, dtype-kind and device of one tensor argument."""
+    if t is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} ({_describe(t)})")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if floating is True and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {device}; move all tensors to one device")
+
+
+def check_logits(logits, name: str = "logits", ndim: Optional[int] = 3) -> None:
+    check_tensor(name, logits, ndim=ndim, floating=True)
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have a vocabulary dimension, got a scalar")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+
+
+def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens") -> None:
+    check_tensor(name, tokens, device=device)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (token ids), got {tokens.dtype}")
+    if tuple(tokens.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without the vocabulary dimension), "
+                         f"got {tuple(tokens.shape)}")
+    if tokens.numel() and not _is_compiling():
+        bad = (tokens >= num_classes) | ((tokens < 0) & (tokens != IGNORE_INDEX))
+        if bool(bad.any()):
+            first = tokens[bad][0].item()
+            raise ValueError(f"{name} must hold ids in [0, {num_classes}) or {IGNORE_INDEX} (ignored); "
+                             f"found {first} (vocabulary size V={num_classes})")
+
+
+def check_mask(mask, shape, device, name: str = "mask") -> None:
+    if mask is None:
+        return
+    check_tensor(name, mask, device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or real-valued, got {mask.dtype}")
+
+
+def check_rewards_like(name: str, t, num_sequences: int, device) -> None:
+    check_tensor(name, t, device=device)
+    if t.dtype.is_complex:
+        raise TypeError(f"{name} must be real-valued, got {t.dtype}")
+    if t.dim() == 2 and t.shape[-1] == 1:
+        pass
+    elif t.dim() != 1:
+        raise ValueError(f"{name} must have shape ({num_sequences},) (one value per sequence), got {tuple(t.shape)}")
+    if t.shape[0] != num_sequences:
+        raise ValueError(f"{name} must have one value per sequence: expected length {num_sequences} "
+                         f"(= logits.shape[0]), got {t.shape[0]}")
+    if t.is_floating_point() and t.numel() and not _is_compiling():
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"{name} must be finite; got NaN or inf in {name}")
+
+
+def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, device, tokens, rewards, mask,
+                    group_size, loss_type, beta, temperature, old_logprobs, ref_logprobs, kl_coef, epsilon,
+                    epsilon_high, delta, scale_rewards, advantages, max_completion_length, num_items_in_batch,
+                    importance_sampling_level, backend="auto") -> None:
+    """Validate everything ``grpo_loss`` takes except the logits themselves (checked by ``check_logits``).
+
+    ``num_sequences``/``seq_len``/``num_classes`` are S, T, V taken from the logits (or hidden/weight).
+    """
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    check_int("group_size", group_size, minimum=1)
+    if num_sequences % group_size != 0:
+        raise ValueError(f"the number of sequences S={num_sequences} must be a multiple of group_size={group_size} "
+                         "(rows g*G ... g*G+G-1 answer prompt g)")
+    check_positive_number("beta", beta)
+    check_positive_number("temperature", temperature)
+    check_positive_number("epsilon", epsilon, allow_zero=True)
+    check_positive_number("epsilon_high", epsilon_high, allow_zero=True, allow_none=True)
+    check_positive_number("delta", delta, allow_none=True)
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
+        raise TypeError(f"kl_coef must be a finite number, got {kl_coef!r}")
+    check_int("max_completion_length", max_completion_length, minimum=1, allow_none=True)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
+                                 f"got shape {tuple(num_items_in_batch.shape)}")
+        else:
+            check_positive_number("num_items_in_batch", num_items_in_batch)
+        if loss_type != "dapo":
+            raise ValueError(f"num_items_in_batch is only used by loss_type='dapo', got loss_type={loss_type!r}")
+
+    shape = (num_sequences, seq_len)
+    check_tokens(tokens, shape, num_classes, device)
+    check_mask(mask, shape, device)
+    if advantages is not None:
+        if loss_type == "softmax":
+            raise ValueError("advantages= is only used by the clipped loss types (grpo, bnpo, dr_grpo, dapo); "
+                             "loss_type='softmax' weights sequences by softmax(rewards/beta): pass rewards")
+        check_rewards_like("advantages", advantages, num_sequences, device)
+        if not advantages.is_floating_point():
+            raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+        if rewards is not None:
+            check_rewards_like("rewards", rewards, num_sequences, device)
+    else:
+        if rewards is None:
+            raise TypeError("rewards must be a tensor of shape (S,) (or pass advantages= for a clipped loss type)")
+        check_rewards_like("rewards", rewards, num_sequences, device)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        check_tensor(name, t, shape=shape, floating=True, device=device, allow_none=True)
