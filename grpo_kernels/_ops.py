@@ -41,13 +41,13 @@ def _check_ids(logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                 backend: str, inplace_backward: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     _check_ids(logits, tokens, mask)
     return _backends.kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy)
 
 
 @logprobs_fwd.register_fake
-def _(logits, tokens, mask, temperature, with_entropy, backend):
+def _(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward=False):
     S, T, _ = logits.shape
     dt = _acc_dtype(logits.dtype)
     return (logits.new_empty((S, T), dtype=dt), logits.new_empty((S, T), dtype=dt),
@@ -66,19 +66,38 @@ def _(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, 
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+@torch.library.custom_op("grpo_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
+def logprobs_bwd_inplace(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor,
+                         mask: Tensor, lse: Tensor, entropy: Tensor, temperature: float, backend: str) -> None:
+    """Overwrite ``logits`` with the gradient. Declared as mutating ``logits``, so its version counter moves
+    and any other autograd node that saved the logits fails loudly instead of reading the gradient."""
+    mod = _backends.kernel_module(backend)
+    if "out" in getattr(mod, "BWD_SUPPORTS", ()):  # kernel writes each row in place after reading it
+        mod.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out=logits)
+    else:
+        logits.copy_(mod.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature))
+
+
+@logprobs_bwd_inplace.register_fake
+def _(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, backend):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
-    logits, tokens, mask, temperature, with_entropy, backend = inputs
+    logits, tokens, mask, temperature, with_entropy, backend = inputs[:6]
+    inplace = inputs[6] if len(inputs) > 6 else False
     _, lse, entropy = output
     ctx.save_for_backward(logits, tokens, mask, lse, entropy)
     ctx.temperature = temperature
     ctx.with_entropy = with_entropy
     ctx.backend = backend
+    ctx.inplace = inplace
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     logits, tokens, mask, lse, entropy = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     grad_logp = grad_logp.to(lse.dtype).contiguous()
@@ -86,8 +105,12 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
         grad_entropy = grad_entropy.to(lse.dtype).contiguous()
     else:
         grad_entropy = None
+    if ctx.inplace:
+        logprobs_bwd_inplace(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
+                             ctx.backend)
+        return logits, None, None, None, None, None, None
     grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature, ctx.backend)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd("grpo_kernels::logprobs_fwd", _backward, setup_context=_setup_context)
@@ -106,8 +129,18 @@ def prepare(logits: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> Tuple[Ten
 
 
 def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
-                         with_entropy: bool, backend: str) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(logp, entropy or None)`` of shape ``(S, T)`` through the custom op (differentiable)."""
+                         with_entropy: bool, backend: str,
+                         inplace_backward: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(logp, entropy or None)`` of shape ``(S, T)`` through the custom op (differentiable).
+
+    ``inplace_backward=True`` writes the gradient into the logits' own storage (saves one ``[S, T, V]``
+    buffer). The logits' values are destroyed by the backward; autograd's version counter makes any other
+    user of those logits fail loudly rather than silently read the gradient.
+    """
+    if inplace_backward and logits.stride(-1) != 1:
+        raise ValueError("inplace_backward=True needs logits with a unit vocabulary stride (it writes the "
+                         "gradient into their storage); pass contiguous logits or inplace_backward=False")
     logits, tokens, keep = prepare(logits, tokens, mask)
-    logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend)
+    logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend,
+                                    bool(inplace_backward))
     return logp, (entropy if with_entropy else None)

@@ -13,7 +13,9 @@ A *kernel module* is a module exposing the same three functions (the contract ev
 ``logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature) -> grad_logits``
     ``grad_logits[s,t,v] = (g_ℓ·(1[v=y] − p_v) − g_H·p_v·(z_v/τ − (lse − H))) / τ`` where ``p = softmax(z/τ)``,
     written as a new contiguous ``(S, T, V)`` tensor in the logits' dtype; rows with ``mask == False`` are
-    exactly zero. ``grad_entropy`` may be None.
+    exactly zero. ``grad_entropy`` may be None. A module whose ``BWD_SUPPORTS`` contains ``"out"`` also takes
+    ``out=`` (a tensor with the logits' shape, dtype and strides, possibly the logits themselves) and writes the
+    gradient there, each row after it has been read (used by ``inplace_backward=True``).
 
 The modules are imported lazily: importing ``grpo_kernels`` never imports triton or builds an extension.
 """

@@ -22,7 +22,8 @@ Tensor = torch.Tensor
 _LOSS_DEFAULTS = dict(loss_type="softmax", beta=0.1, temperature=1.0, old_logprobs=None, ref_logprobs=None,
                       kl_coef=0.0, epsilon=0.2, epsilon_high=None, delta=None, scale_rewards="group",
                       advantages=None, max_completion_length=None, num_items_in_batch=None,
-                      importance_sampling_level="token", return_metrics=False, backend="auto")
+                      importance_sampling_level="token", return_metrics=False, backend="auto",
+                      inplace_backward=False)
 
 
 def grpo_loss(logits: Tensor,  # (S, T, V) float
@@ -46,7 +47,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
               num_items_in_batch=None,
               importance_sampling_level: str = "token",
               return_metrics: bool = False,
-              backend: str = "auto"):
+              backend: str = "auto",
+              inplace_backward: bool = False):
     """GRPO loss straight from the LM-head logits.
 
     ``S = num_groups * group_size`` sequences, grouped contiguously (rows ``g*G … g*G+G-1`` answer prompt
@@ -76,6 +78,10 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
             ``num_tokens``.
         backend: ``"auto"`` (fastest available for the logits' device), ``"torch"``, ``"triton"``,
             ``"cuda"`` or ``"cpu"``.
+        inplace_backward: fused backends only (the torch backend ignores it): the backward writes the gradient
+            into the logits' own storage instead of a new ``[S, T, V]`` buffer. The logits' values are gone
+            after ``backward()``; do not use them afterwards. Any other autograd node that saved the same logits
+            raises autograd's "modified by an inplace operation" error instead of reading the gradient.
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 logits), or ``(loss, metrics)``.
@@ -102,7 +108,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
         logp_ent = _ref.token_logprobs(logits, tokens, temperature, return_entropy=return_metrics)
         logp, ent = logp_ent if return_metrics else (logp_ent, None)
     else:
-        logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, temperature, return_metrics, impl)
+        logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, temperature, return_metrics, impl,
+                                              inplace_backward=inplace_backward)
     m = _ref.effective_mask(tokens, mask, logp.dtype)
     return _ref.loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
 
