@@ -144,3 +144,76 @@ def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor],
     logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend,
                                     bool(inplace_backward))
     return logp, (entropy if with_entropy else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one-pass path: log-probs and the logits gradient in the same pass (DESIGN.md §5)
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("grpo_kernels::logprobs_fwd_grad", mutates_args=())
+def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
+                      with_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ``: one read of each
+    unmasked logits row, one write of the gradient. Not differentiable itself (see :func:`one_pass_loss`)."""
+    _check_ids(logits, tokens, mask)
+    mod = _backends.kernel_module(backend)
+    return mod.logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy)
+
+
+@logprobs_fwd_grad.register_fake
+def _(logits, tokens, mask, coef, temperature, with_entropy, backend):
+    S, T, _ = logits.shape
+    dt = _acc_dtype(logits.dtype)
+    small = [logits.new_empty((S, T), dtype=dt) for _ in range(3)]
+    return (*small, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
+
+
+def supports_one_pass(backend: str) -> bool:
+    """Whether the kernel module of ``backend`` implements ``logprobs_fwd_grad``."""
+    return bool(getattr(_backends.kernel_module(backend), "FWD_GRAD", False))
+
+
+class _AttachGradient(torch.autograd.Function):
+    """Returns ``value`` unchanged; its backward hands ``grad_output · grad_logits`` to ``logits`` (the
+    gradient was computed in the forward) and ``grad_output`` to ``value``'s own graph (e.g. the rewards).
+
+    The stored gradient is released by the backward so that autograd can adopt it as ``.grad`` without a
+    copy; a second backward through the same graph (``retain_graph=True``) therefore raises a clear error.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, value: Tensor, grad_logits: Tensor):
+        ctx.grad_logits = grad_logits
+        ctx.logits_shape = logits.shape
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = ctx.grad_logits
+        if grad is None:
+            raise RuntimeError("grpo_kernels: the one-pass gradient of this loss was already consumed by an "
+                               "earlier backward(). Backpropagating twice through the same loss (retain_graph=True) "
+                               "is not supported on this path; recompute the loss, or call grpo_loss under "
+                               "torch.compile / with inplace_backward=True (two-pass paths).")
+        ctx.grad_logits = None
+        if not bool(grad_out.eq(1).all()):
+            grad = grad.mul_(grad_out.to(grad.dtype))
+        return grad, grad_out, None
+
+
+def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tensor], coef: Tensor,
+                  temperature: float, with_entropy: bool, backend: str):
+    """Run the one-pass kernel and return ``value_fn(logp, entropy)`` whose backward delivers the precomputed
+    logits gradient (scaled by the incoming gradient).
+
+    ``coef (S, T)`` must be ``∂loss/∂ℓ`` and independent of ``ℓ`` (the caller checks the loss is linear in
+    the log-probs); ``value_fn(logp, entropy)`` computes the loss (or ``(loss, metrics)``) from detached
+    log-probs -- it may carry a graph to the rewards.
+    """
+    l3, tokens, keep = prepare(logits, tokens, mask)
+    coef = coef.to(_acc_dtype(l3.dtype)).contiguous()
+    logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
+                                               bool(with_entropy), backend)
+    out = value_fn(logp, entropy if with_entropy else None)
+    loss, metrics = out if isinstance(out, tuple) else (out, None)
+    loss = _AttachGradient.apply(logits, loss, grad)
+    return (loss, metrics) if metrics is not None else loss

@@ -17,6 +17,14 @@ A *kernel module* is a module exposing the same three functions (the contract ev
     ``out=`` (a tensor with the logits' shape, dtype and strides, possibly the logits themselves) and writes the
     gradient there, each row after it has been read (used by ``inplace_backward=True``).
 
+``logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=None) -> (logp, lse, entropy, grad)``
+    (modules with ``FWD_GRAD = True``) the one-pass path: the forward outputs plus
+    ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ`` for an up-front ``coef (S, T)`` (fp32, fp64 for fp64 logits),
+    reading each unmasked row once (a second, cache-hot read of the same row is allowed) and writing the
+    gradient once, into ``out`` when given (which may be the logits themselves). Used when the loss is
+    linear in the log-probs (``coef = ∂loss/∂ℓ`` does not depend on ℓ): the lesson's softmax loss and the
+    clipped losses on-policy, without KL.
+
 The modules are imported lazily: importing ``grpo_kernels`` never imports triton or builds an extension.
 """
 
@@ -32,6 +40,7 @@ from . import validation as _v
 
 # backend name -> module implementing the kernel contract above
 _KERNEL_MODULES: Dict[str, str] = {
+    "torch": "grpo_kernels.torch_kernels",  # the contract in eager PyTorch (fused-linear fallback, op tests)
     "triton": "grpo_kernels.triton_kernels",
     "cuda": "grpo_kernels.cpp_ext",
     "cpu": "grpo_kernels.cpp_ext",

@@ -108,10 +108,50 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
         logp_ent = _ref.token_logprobs(logits, tokens, temperature, return_entropy=return_metrics)
         logp, ent = logp_ent if return_metrics else (logp_ent, None)
     else:
+        m = _ref.effective_mask(tokens, mask, _ref.accumulation_dtype(logits.dtype))
+        if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward
+                and not _v._is_compiling() and coefficients_are_constant(**kw) and _ops.supports_one_pass(impl)):
+            # One pass: ∂loss/∂ℓ is known before the forward, so the kernel writes the gradient while it reads.
+            coef = logprob_coefficients(m, rewards, **kw)
+
+            def value_fn(logp, ent):
+                return _ref.loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
+
+            return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, temperature, return_metrics, impl)
         logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, temperature, return_metrics, impl,
                                               inplace_backward=inplace_backward)
     m = _ref.effective_mask(tokens, mask, logp.dtype)
     return _ref.loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
+
+
+def coefficients_are_constant(*, loss_type: str, old_logprobs, ref_logprobs, kl_coef, **_) -> bool:
+    """Whether ``∂loss/∂ℓ`` is independent of the log-probs ℓ (so it can be computed before the forward).
+
+    True for the lesson's softmax loss and for the clipped losses on-policy (``old_logprobs=None``: the ratio
+    is identically 1, at token or sequence level), as long as the k3 KL is off; the KL and off-policy clipping
+    make the gradient depend on ℓ.
+    """
+    if ref_logprobs is not None and kl_coef != 0:
+        return False
+    return loss_type == "softmax" or old_logprobs is None
+
+
+def logprob_coefficients(mask: Tensor, rewards: Optional[Tensor], **kw) -> Tensor:
+    """``c = ∂loss/∂ℓ`` of shape ``(S, T)`` for a loss with :func:`coefficients_are_constant`.
+
+    Obtained by differentiating the one eager formulation (:func:`reference.loss_from_logprobs`) at ℓ = 0,
+    which is exact because the loss is affine in ℓ there (no second copy of the normalizers). Rewards and
+    advantages are detached: their own gradient comes from the loss value.
+    """
+    kw = dict(kw)
+    if kw.get("advantages") is not None:
+        kw["advantages"] = kw["advantages"].detach()
+    r = rewards.detach() if rewards is not None else None
+    with torch.enable_grad():
+        l0 = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device, requires_grad=True)
+        loss = _ref.loss_from_logprobs(l0, mask, r, **kw)
+        (coef,) = torch.autograd.grad(loss, l0, allow_unused=True)
+    return torch.zeros_like(l0) if coef is None else coef
 
 
 def token_logprobs(logits: Tensor,  # (..., V)

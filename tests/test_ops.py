@@ -1,0 +1,148 @@
+"""The custom-op plumbing (two-pass and one-pass paths), exercised through the eager kernel module
+``grpo_kernels.torch_kernels`` so it is tested on every machine, against the reference and autograd."""
+
+import pytest
+import torch
+
+from grpo_kernels import _ops
+from grpo_kernels import loss as L
+from grpo_kernels import reference as ref
+from grpo_kernels import torch_kernels
+
+S, T, V, G = 6, 5, 67, 3
+LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
+
+DEFAULTS = dict(group_size=G, beta=0.1, old_logprobs=None, ref_logprobs=None, kl_coef=0.0, epsilon=0.2, epsilon_high=None,
+                delta=None, scale_rewards="group", advantages=None, max_completion_length=None,
+                num_items_in_batch=None, importance_sampling_level="token")
+
+
+def _inputs(dtype=torch.float32):
+    z = torch.randn(S, T, V, dtype=dtype) * 2
+    tok = torch.randint(0, V, (S, T))
+    tok[0, 1] = -100
+    m = torch.ones(S, T)
+    m[2] = 0  # a fully masked sequence
+    m[3, 3:] = 0
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    r = torch.randn(S, dtype=acc)
+    return z, tok, m, r
+
+
+def _reference(z, tok, m, r, kw, metrics=False):
+    zz = z.detach().clone().requires_grad_(True)
+    rr = r.detach().clone().requires_grad_(True)
+    out = ref.grpo_loss(zz, tok, rr, m, return_metrics=metrics, **kw)
+    loss, met = out if metrics else (out, None)
+    (3.0 * loss).backward()
+    return loss.detach(), zz.grad, rr.grad, met
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_two_pass_ops_match_reference(dtype, temperature):
+    z, tok, m, _ = _inputs(dtype)
+    zz = z.clone().requires_grad_(True)
+    logp, ent = _ops.fused_token_logprobs(zz, tok, m, temperature, True, "torch")
+    w = torch.randn(S, T, dtype=logp.dtype)
+    ((logp * w).sum() + (ent * w.flip(0)).sum()).backward()
+
+    z2 = z.clone().requires_grad_(True)
+    keep = (tok != -100) & (m != 0)
+    lp2, ent2 = ref.token_logprobs(z2, torch.where(keep, tok, -100), temperature, return_entropy=True)
+    ((lp2 * w).sum() + (ent2 * w.flip(0)).sum()).backward()
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, lp2, **tol)
+    torch.testing.assert_close(ent, ent2, **tol)
+    gtol = tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(zz.grad.double(), z2.grad.double(), **gtol)
+    assert (zz.grad[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_one_pass_matches_reference(loss_type, level, dtype):
+    """One pass (gradient written during the forward) = reference autograd, incl. rewards' gradient,
+    metrics and a grad_output != 1."""
+    z, tok, m, r = _inputs(dtype)
+    kw = {**DEFAULTS, "loss_type": loss_type, "importance_sampling_level": level}
+    assert L.coefficients_are_constant(**kw)
+    exp_loss, exp_gz, exp_gr, exp_met = _reference(z, tok, m, r, kw, metrics=True)
+
+    zz = z.clone().requires_grad_(True)
+    rr = r.clone().requires_grad_(True)
+    mm = ref.effective_mask(tok, m, r.dtype)
+    coef = L.logprob_coefficients(mm, rr, **kw)
+    loss, met = _ops.one_pass_loss(
+        zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, rr, return_metrics=True, entropy=e, **kw),
+        tok, m, coef, 1.0, True, "torch")
+    (3.0 * loss).backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), exp_loss, **tol)
+    gtol = tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(zz.grad.double(), exp_gz.double(), **gtol)
+    torch.testing.assert_close(rr.grad, exp_gr, **tol)
+    assert set(met) == set(exp_met)
+    for k in met:
+        torch.testing.assert_close(met[k], exp_met[k], **tol)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES[1:])
+def test_constant_coefficients_equal_autograd_at_the_actual_logprobs(loss_type):
+    """The claim behind the one-pass path: on-policy, ∂loss/∂ℓ evaluated at ℓ = 0 equals it at any ℓ."""
+    _, _, m, r = _inputs(torch.float64)
+    kw = {**DEFAULTS, "loss_type": loss_type, "epsilon": 0.0}
+    m = m.double()
+    c0 = L.logprob_coefficients(m, r, **kw)
+    lp = (-torch.rand(S, T, dtype=torch.float64) * 3).requires_grad_(True)
+    (c,) = torch.autograd.grad(ref.loss_from_logprobs(lp, m, r, **kw), lp)
+    torch.testing.assert_close(c0, c, rtol=0, atol=1e-15)
+    assert c0.abs().sum() > 0
+
+
+def test_coefficients_are_constant_only_when_linear():
+    old = torch.zeros(S, T)
+    assert not L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "old_logprobs": old})
+    assert not L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "ref_logprobs": old,
+                                              "kl_coef": 0.1})
+    assert L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "old_logprobs": old})
+    assert L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "ref_logprobs": old})  # kl_coef = 0
+
+
+def test_one_pass_second_backward_raises_clearly():
+    z, tok, m, r = _inputs()
+    zz = z.clone().requires_grad_(True)
+    mm = ref.effective_mask(tok, m, torch.float32)
+    kw = {**DEFAULTS, "loss_type": "softmax"}
+    coef = L.logprob_coefficients(mm, r, **kw)
+    loss = _ops.one_pass_loss(zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, r, **kw),
+                              tok, m, coef, 1.0, False, "torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already consumed"):
+        loss.backward()
+
+
+def test_fwd_grad_out_into_logits_and_masked_rows_zero():
+    z, tok, m, _ = _inputs()
+    keep = ((tok != -100) & (m != 0)).contiguous()
+    coef = torch.randn(S, T)
+    lp, lse, ent, grad = torch_kernels.logprobs_fwd_grad(z, tok, keep, coef, 0.9, False)
+    buf = z.clone()
+    lp2, _, _, g2 = torch_kernels.logprobs_fwd_grad(buf, tok, keep, coef, 0.9, False, out=buf)
+    assert g2.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(g2, grad)
+    torch.testing.assert_close(lp2, lp)
+    assert (grad[~keep] == 0).all()
+    zz = z.clone().requires_grad_(True)
+    (ref.token_logprobs(zz, torch.where(keep, tok, -100), 0.9) * coef).sum().backward()
+    torch.testing.assert_close(grad, zz.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_fwd_grad():
+    z, tok, m, _ = _inputs()
+    keep = ((tok != -100) & (m != 0)).contiguous()
+    coef = torch.randn(S, T)
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd_grad.default, (z, tok, keep, coef, 1.0, True, "torch"))
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd.default,
+                          (z.requires_grad_(True), tok, keep, 1.0, True, "torch"))
