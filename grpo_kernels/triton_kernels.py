@@ -1,0 +1,399 @@
+"""Triton backend: streaming per-row log-softmax kernels (forward, backward, one-pass forward+gradient).
+
+This module is the ``"triton"`` kernel module of :mod:`grpo_kernels.backends` (see the contract in its
+docstring). Layout of the file: kernel bodies -> the lazily built kernel set -> launchers (checks,
+allocation, grid) -> the contract functions :func:`logprobs_fwd`, :func:`logprobs_bwd`,
+:func:`logprobs_fwd_grad`. The ``torch.library`` ops, fakes and autograd live in :mod:`grpo_kernels._ops`.
+
+Shapes: ``logits (S, T, V)`` with a unit vocabulary stride (the S and T strides are arbitrary),
+``tokens (S, T)`` int64, ``mask (S, T)`` bool; per-row outputs ``(S, T)`` in fp32 (fp64 for fp64 logits).
+
+Design (DESIGN.md §5-6):
+
+* One program per ``(s, t)`` row on a 1-D grid (axis 0 takes up to 2^31-1 programs, so neither S nor T
+  ever meets CUDA's 65,535 limit of grid axes 1 and 2). Pointer offsets are int64 (S·T·V may exceed 2^31).
+* The row is streamed in ``BLOCK_V`` chunks with an online max / sum-exp (fp32 accumulation, fp64 for fp64
+  logits). ``-inf`` logits (a masked vocabulary) contribute nothing and never make a NaN. V need not be a
+  power of two.
+* Rows with ``mask == False`` write zeros and return before reading a single logit.
+* ``temperature`` is a runtime argument (passed as fp64, cast to the accumulation type once per program),
+  and so are S, T, V and the strides: changing them does not recompile (Triton still specializes integer
+  arguments on divisibility by 16, which is at most a second variant). ``BLOCK_V`` and ``num_warps`` are
+  chosen from V and the dtype.
+* Deterministic: every row is reduced by one program in a fixed order; there are no atomics.
+* Memory traffic: the forward reads each unmasked row once. The backward reads it once and writes the
+  gradient once. The one-pass kernel (:func:`logprobs_fwd_grad`) reads the row, then rereads it (the row
+  was just touched, so on a GPU this second read is mostly served by L2) and writes the gradient: at most two
+  reads and one write per training step, instead of three reads and one write for forward + backward.
+* In-place gradient (``out=`` the logits themselves): each program touches only its own row, and every
+  element of the row is loaded before the same element is stored, so overwriting is safe.
+
+Triton's ``@triton.jit`` decides at *decoration* time whether a kernel is compiled or interpreted (it reads
+``TRITON_INTERPRET`` when the decorator runs, triton 3.x ``runtime/jit.py``). The kernels are therefore
+plain functions here and are wrapped by :func:`_kernels`, a cache keyed by the interpreter flag in force
+at launch, so setting ``TRITON_INTERPRET=1`` after importing this module (as the tests' fixture does) works.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+#: The backward accepts ``out=`` (possibly the logits themselves).
+BWD_SUPPORTS = ("out",)
+#: :func:`logprobs_fwd_grad` (one-pass forward + gradient) is implemented.
+FWD_GRAD = True
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel bodies (plain functions; wrapped with triton.jit lazily by _kernels()). They must not call other
+# Python-level helpers: a jitted kernel may only call jitted functions, and these are wrapped late.
+# ----------------------------------------------------------------------------------------------------------
+def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T) int64, (S,T) uint8
+                logp_ptr, lse_ptr, ent_ptr,  # (S,T) outputs, accumulation dtype
+                T, V, stride_s, stride_t,
+                inv_tau: tl.float64,
+                WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = logp_ptr.dtype.element_ty
+    if tl.load(mask_ptr + row) == 0:  # masked: no logits read
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        return
+    s = row // T
+    t = row - s * T
+    base = logits_ptr + s * stride_s + t * stride_t
+    scale = tl.full([], inv_tau, acc_ty)
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), acc_ty)  # running max of z = logits / tau
+    l = tl.full([], 0.0, acc_ty)  # running sum exp(z - m)
+    w = tl.full([], 0.0, acc_ty)  # running sum exp(z - m) * z (entropy)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+        m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)  # all -inf so far: no NaN
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
+        l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
+        if WITH_ENTROPY:
+            w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)  # p = 0, z = -inf -> 0
+        m = m_new
+    lse = m + tl.log(l)
+    y = tl.load(tokens_ptr + row)
+    zy = tl.load(base + y).to(acc_ty) * scale
+    tl.store(logp_ptr + row, zy - lse)
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, lse - w / l)
+    else:
+        tl.store(ent_ptr + row, 0.0)
+
+
+def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_ent unused without HAS_GRAD_ENT)
+                logits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent_ptr,
+                out_ptr,  # (S,T,V) strided rows, logits dtype; may alias logits_ptr
+                T, V, stride_s, stride_t, out_stride_s, out_stride_t,
+                inv_tau: tl.float64,
+                HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = lse_ptr.dtype.element_ty
+    out_ty = out_ptr.dtype.element_ty
+    s = row // T
+    t = row - s * T
+    out_base = out_ptr + s * out_stride_s + t * out_stride_t
+    offs = tl.arange(0, BLOCK_V)
+    if tl.load(mask_ptr + row) == 0:  # masked: exact zeros, no logits read
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
+        return
+    base = logits_ptr + s * stride_s + t * stride_t
+    scale = tl.full([], inv_tau, acc_ty)
+    g = tl.load(grad_logp_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    y = tl.load(tokens_ptr + row)
+    if HAS_GRAD_ENT:
+        gh = tl.load(grad_ent_ptr + row)
+        mean_z = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+        p = tl.exp(z - lse)
+        grad = g * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)  # target term 1 - p_y in fp32/fp64
+        if HAS_GRAD_ENT:
+            grad -= gh * p * tl.where(p == 0.0, 0.0, z - mean_z)  # p = 0 (z = -inf) -> 0, not NaN
+        tl.store(out_base + cols, (grad * scale).to(out_ty), mask=cols < V)
+
+
+def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) accumulation dtype
+                     logp_ptr, lse_ptr, ent_ptr,
+                     out_ptr,  # (S,T,V) strided rows, logits dtype; may alias logits_ptr
+                     T, V, stride_s, stride_t, out_stride_s, out_stride_t,
+                     inv_tau: tl.float64,
+                     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = logp_ptr.dtype.element_ty
+    out_ty = out_ptr.dtype.element_ty
+    s = row // T
+    t = row - s * T
+    out_base = out_ptr + s * out_stride_s + t * out_stride_t
+    offs = tl.arange(0, BLOCK_V)
+    if tl.load(mask_ptr + row) == 0:  # masked: exact zeros, no logits read
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
+        return
+    base = logits_ptr + s * stride_s + t * stride_t
+    scale = tl.full([], inv_tau, acc_ty)
+    # Pass 1: online max / sum-exp (and the entropy sum) over the row.
+    m = tl.full([], float("-inf"), acc_ty)
+    l = tl.full([], 0.0, acc_ty)
+    w = tl.full([], 0.0, acc_ty)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+        m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
+        l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
+        if WITH_ENTROPY:
+            w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
+        m = m_new
+    lse = m + tl.log(l)
+    y = tl.load(tokens_ptr + row)
+    zy = tl.load(base + y).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
+    tl.store(logp_ptr + row, zy - lse)
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, lse - w / l)
+    else:
+        tl.store(ent_ptr + row, 0.0)
+    # Pass 2: reread the (cache-hot) row and write coef * (1[v=y] - p_v) / tau.
+    c = tl.load(coef_ptr + row) * scale
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+        p = tl.exp(z - lse)
+        grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
+        tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+
+
+def _interpreting() -> bool:
+    """Whether Triton would interpret kernels decorated now (``TRITON_INTERPRET=1``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """The jitted kernels for one value of the interpreter flag (decorated lazily, see the module doc)."""
+    del interpret  # only the cache key: triton.jit reads the flag itself, and it has this value now
+    return (triton.jit(_fwd_kernel, do_not_specialize=["T"]),
+            triton.jit(_bwd_kernel, do_not_specialize=["T"]),
+            triton.jit(_fwd_grad_kernel, do_not_specialize=["T"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration and checks
+# ----------------------------------------------------------------------------------------------------------
+def _launch_config(V: int, dtype: torch.dtype, block_v: Optional[int]) -> Tuple[int, int]:
+    """``(BLOCK_V, num_warps)``: the whole row in one chunk when small, else 16 KiB..32 KiB per chunk."""
+    if block_v is not None:
+        if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+            raise ValueError(f"block_v must be a power of two, got {block_v!r}")
+        bv = block_v
+    else:
+        cap = {torch.float64: 2048, torch.float32: 4096}.get(dtype, 8192)
+        bv = min(triton.next_power_of_2(max(V, 16)), cap)
+    num_warps = 4 if bv <= 1024 else (8 if bv <= 4096 else 16)
+    return bv, num_warps
+
+
+def _check_inputs(logits: Tensor, tokens: Tensor, mask: Tensor, temperature) -> Tuple[Tensor, Tensor, float]:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be an (S, T, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be fp16/bf16/fp32/fp64, got {logits.dtype}")
+    if logits.shape[-1] > 0 and logits.stride(-1) != 1:
+        raise ValueError(f"logits must have a unit vocabulary stride, got strides {logits.stride()}")
+    S, T, _ = logits.shape
+    if tuple(tokens.shape) != (S, T) or tuple(mask.shape) != (S, T):
+        raise ValueError(f"tokens and mask must have shape {(S, T)}, got {tuple(tokens.shape)} and "
+                         f"{tuple(mask.shape)}")
+    if tokens.device != logits.device or mask.device != logits.device:
+        raise ValueError("logits, tokens and mask must be on the same device")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    tokens = tokens.to(torch.int64).contiguous()
+    mask = (mask != 0).contiguous().view(torch.uint8)
+    return tokens, mask, 1.0 / float(temperature)
+
+
+def _check_out(out: Tensor, logits: Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype \
+            or out.device != logits.device:
+        raise ValueError(f"out must have the logits' shape {tuple(logits.shape)}, dtype {logits.dtype} and device "
+                         f"{logits.device}; got {getattr(out, 'shape', type(out))}")
+    if logits.shape[-1] > 0 and out.stride(-1) != 1:
+        raise ValueError(f"out must have a unit vocabulary stride, got strides {out.stride()}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row(t: Tensor, name: str, like: Tensor) -> Tensor:
+    S, T = like.shape[:2]
+    if tuple(t.shape) != (S, T):
+        raise ValueError(f"{name} must have shape {(S, T)}, got {tuple(t.shape)}")
+    return t.to(device=like.device, dtype=_acc_dtype(like.dtype)).contiguous()
+
+
+class _on_device:
+    """Make ``tensor``'s CUDA device current while launching (Triton launches on the current device)."""
+
+    def __init__(self, tensor: Tensor):
+        self.ctx = torch.cuda.device(tensor.device) if tensor.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernel-module contract
+# ----------------------------------------------------------------------------------------------------------
+def is_available(device) -> Tuple[bool, str]:
+    """``(available, reason)``: CUDA tensors need a CUDA device; CPU tensors need ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "torch reports no usable CUDA device"
+        return True, f"triton {triton.__version__} on CUDA"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1; slow, for tests)"
+        return False, ("Triton kernels run on CUDA tensors; on CPU tensors only under the Triton interpreter "
+                       "(set TRITON_INTERPRET=1, slow, meant for tests)")
+    return False, f"Triton kernels do not run on {device.type} tensors"
+
+
+def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
+                 tokens: Tensor,  # (S, T) int64
+                 mask: Tensor,  # (S, T) bool, False = not read, outputs 0
+                 temperature: float,
+                 with_entropy: bool,
+                 *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy)``, each ``(S, T)`` contiguous fp32 (fp64 for fp64 logits).
+
+    ``logp = z_y/τ − lse``, ``lse = logsumexp(z/τ)``, ``entropy = lse − Σ p z/τ`` (zeros unless
+    ``with_entropy``); all three are 0 on masked rows. ``block_v`` (a power of two) overrides the chunk
+    size (tests use it to exercise the multi-chunk path on tiny V).
+    """
+    tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    S, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.empty((S, T), dtype=acc, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    if S * T == 0:
+        return logp, lse, ent
+    bv, nw = _launch_config(V, logits.dtype, block_v)
+    fwd, _, _ = _kernels(_interpreting())
+    with _on_device(logits):
+        fwd[(S * T,)](logits, tokens, mask_u8, logp, lse, ent, T, V, logits.stride(0), logits.stride(1), inv_tau,
+                      WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, num_warps=nw)
+    return logp, lse, ent
+
+
+def logprobs_bwd(grad_logp: Tensor,  # (S, T)
+                 grad_entropy: Optional[Tensor],  # (S, T) or None
+                 logits: Tensor,  # (S, T, V)
+                 tokens: Tensor,  # (S, T)
+                 mask: Tensor,  # (S, T) bool
+                 lse: Tensor,  # (S, T) from logprobs_fwd
+                 entropy: Tensor,  # (S, T) from logprobs_fwd (used only with grad_entropy)
+                 temperature: float,
+                 out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
+                 *, block_v: Optional[int] = None) -> Tensor:
+    """``grad_logits = (g·(1[v=y] − p) − g_H·p·(z/τ − (lse − H))) / τ`` in the logits' dtype.
+
+    Written to a new contiguous ``(S, T, V)`` tensor, or into ``out`` (same shape/dtype, unit vocabulary
+    stride, any other strides; may be the logits: each element is read before it is overwritten). Masked
+    rows are exactly zero.
+    """
+    tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    S, T, V = logits.shape
+    if out is None:
+        out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
+    else:
+        _check_out(out, logits)
+    grad_logp = _row(grad_logp, "grad_logp", logits)
+    lse = _row(lse, "lse", logits)
+    has_ge = grad_entropy is not None
+    grad_entropy = _row(grad_entropy, "grad_entropy", logits) if has_ge else grad_logp
+    entropy = _row(entropy, "entropy", logits) if has_ge else lse
+    if S * T == 0 or V == 0:
+        return out
+    bv, nw = _launch_config(V, logits.dtype, block_v)
+    _, bwd, _ = _kernels(_interpreting())
+    with _on_device(logits):
+        bwd[(S * T,)](grad_logp, grad_entropy, logits, tokens, mask_u8, lse, entropy, out, T, V,
+                      logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
+                      HAS_GRAD_ENT=has_ge, BLOCK_V=bv, num_warps=nw)
+    return out
+
+
+def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
+                      tokens: Tensor,  # (S, T)
+                      mask: Tensor,  # (S, T) bool
+                      coef: Tensor,  # (S, T) dL/dlogp
+                      temperature: float,
+                      with_entropy: bool,
+                      out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
+                      *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass per row: ``(logp, lse, entropy, grad)`` with ``grad = coef·(1[v=y] − p)/τ``.
+
+    ``logp, lse, entropy`` are as in :func:`logprobs_fwd`; ``grad`` is a new contiguous ``(S, T, V)`` tensor
+    in the logits' dtype, or ``out`` (may be the logits: each row is fully reduced before it is
+    overwritten, element by element after being reread). Masked rows: not read, zero outputs, zero grad.
+    """
+    tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    S, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    if out is None:
+        out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
+    else:
+        _check_out(out, logits)
+    coef = _row(coef, "coef", logits)
+    logp = torch.empty((S, T), dtype=acc, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    if S * T == 0:
+        return logp, lse, ent, out
+    bv, nw = _launch_config(V, logits.dtype, block_v)
+    _, _, fwd_grad = _kernels(_interpreting())
+    with _on_device(logits):
+        fwd_grad[(S * T,)](logits, tokens, mask_u8, coef, logp, lse, ent, out, T, V,
+                           logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
+                           WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, num_warps=nw)
+    return logp, lse, ent, out
