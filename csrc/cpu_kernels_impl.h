@@ -1,0 +1,307 @@
+// The CPU row kernels, written once over at::vec::Vectorized and compiled once per SIMD level:
+// cpu_kernels_default.cpp, cpu_kernels_avx2.cpp and cpu_kernels_avx512.cpp define CPU_CAPABILITY (and the
+// target ISA) and include this file. Only raw pointers cross the boundary (grpo::RowProblem); threading
+// (at::parallel_for) and all tensor checks live in cpu_ops.cpp.
+//
+// Per row r = s*T + t (logits row z = logits[s, t, :], vocabulary stride 1, y = tokens[s, t], it = 1/tau):
+//   fwd:      m = max z;  sum = sum_v exp((z_v - m) it);  lse = m it + log(sum);  logp = z_y it - lse;
+//             H = log(sum) - sum_v e_v (z_v - m) it / sum  (= lse - sum_v p_v z_v it; -inf logits give 0)
+//   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, and the target entry recomputed in full precision
+//             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it
+//   fwd_grad: one read of the row from memory: a max pass, then e_v = exp((z_v - m) it) written into the
+//             gradient row itself (an fp32 scratch row for bf16/fp16), then rescaled in place from L2:
+//             g_v = -coef it e_v / sum;  g_y = coef (1 - exp(logp)) it.
+// Masked rows are never read: outputs 0 and a zero gradient row. Reductions run in a fixed order inside
+// each row, so results do not depend on the thread count (bitwise deterministic).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "grpo_kernels.h"
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including cpu_kernels_impl.h"
+#endif
+
+namespace grpo {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Io<T>: how a chunk of W elements of type T is loaded as N vectors of the accumulation type A and stored back.
+template <typename T>
+struct Io;
+
+template <>
+struct Io<float> {
+  using A = float;
+  static constexpr int N = 1;
+  static constexpr int64_t W = Vectorized<float>::size();
+  static inline void load(const float* p, Vectorized<float>* x) { x[0] = Vectorized<float>::loadu(p); }
+  static inline void store(float* p, const Vectorized<float>* x) { x[0].store(p); }
+};
+
+template <>
+struct Io<double> {
+  using A = double;
+  static constexpr int N = 1;
+  static constexpr int64_t W = Vectorized<double>::size();
+  static inline void load(const double* p, Vectorized<double>* x) { x[0] = Vectorized<double>::loadu(p); }
+  static inline void store(double* p, const Vectorized<double>* x) { x[0].store(p); }
+};
+
+template <typename R>  // c10::BFloat16 or c10::Half
+struct IoReduced {
+  using A = float;
+  static constexpr int N = 2;
+  static constexpr int64_t W = Vectorized<R>::size();
+  static_assert(Vectorized<R>::size() == 2 * Vectorized<float>::size(), "unexpected vector widths");
+  static inline void load(const R* p, Vectorized<float>* x) { at::vec::load_to_float<R>(p, x[0], x[1]); }
+  static inline void store(R* p, const Vectorized<float>* x) { at::vec::convert_from_float<R>(x[0], x[1]).store(p); }
+};
+template <>
+struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {};
+template <>
+struct Io<c10::Half> : IoReduced<c10::Half> {};
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename A>
+inline A smax(A a, A b) {  // NaN-propagating max
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {  // fixed-order horizontal sum
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A r = 0;
+  for (int64_t j = 0; j < Vectorized<A>::size(); ++j) r += buf[j];
+  return r;
+}
+
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A r = -std::numeric_limits<A>::infinity();
+  for (int64_t j = 0; j < Vectorized<A>::size(); ++j) r = smax(r, buf[j]);
+  return r;
+}
+
+template <typename T>
+struct Rows {
+  using A = typename Io<T>::A;
+  using VA = Vectorized<A>;
+  static constexpr int N = Io<T>::N;
+  static constexpr int64_t W = Io<T>::W;
+  static constexpr int64_t L = VA::size();
+
+  static inline const T* zrow(const RowProblem& p, int64_t r) {
+    const int64_t s = r / p.T, t = r % p.T;
+    return static_cast<const T*>(p.logits) + s * p.ls_s + t * p.ls_t;
+  }
+  static inline T* grow(const RowProblem& p, int64_t r) {
+    const int64_t s = r / p.T, t = r % p.T;
+    return static_cast<T*>(p.grad) + s * p.gs_s + t * p.gs_t;
+  }
+
+  // Max of the row; a row of -inf gives 0 (then sum = 0, lse = -inf, like torch.logsumexp).
+  static A row_max(const T* z, int64_t V) {
+    VA vm(-std::numeric_limits<A>::infinity());
+    int64_t i = 0;
+    for (; i + W <= V; i += W) {
+      VA x[N];
+      Io<T>::load(z + i, x);
+      for (int k = 0; k < N; ++k) vm = at::vec::maximum(vm, x[k]);
+    }
+    A m = hmax(vm);
+    for (; i < V; ++i) m = smax(m, static_cast<A>(z[i]));
+    if (std::isinf(m) && m < 0) m = 0;
+    return m;
+  }
+
+  // sum_v e_v and (ENT) sum_v e_v t_v with t_v = (z_v - m) it, e_v = exp(t_v); (STORE) e_v -> e_out[v].
+  // e_out may alias z (same element type): each chunk is loaded before it is overwritten.
+  template <bool ENT, bool STORE>
+  static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, A& sum_out, A& h_out) {
+    const VA vm(m), vit(it), vlow(std::numeric_limits<A>::lowest());
+    VA vs(0), vh(0);
+    int64_t i = 0;
+    for (; i + W <= V; i += W) {
+      VA x[N];
+      Io<T>::load(z + i, x);
+      for (int k = 0; k < N; ++k) {
+        const VA t = (x[k] - vm) * vit;
+        const VA e = vexp(t);
+        vs = vs + e;
+        if (ENT) vh = vh + e * at::vec::maximum(t, vlow);  // -inf logit: e = 0, avoid 0 * -inf
+        if (STORE) e.store(e_out + i + k * L);
+      }
+    }
+    A s = hsum(vs), h = ENT ? hsum(vh) : A(0);
+    for (; i < V; ++i) {
+      const A t = (static_cast<A>(z[i]) - m) * it;
+      const A e = std::exp(t);
+      s += e;
+      if (ENT) h += e * smax(t, std::numeric_limits<A>::lowest());
+      if (STORE) e_out[i] = e;
+    }
+    sum_out = s;
+    h_out = h;
+  }
+
+  static inline void zero_row(T* g, int64_t V) { std::memset(static_cast<void*>(g), 0, sizeof(T) * V); }
+
+  // ---------------------------------------------------------------------------------------------------
+  static void fwd(const RowProblem& p, int64_t begin, int64_t end) {
+    const int64_t V = p.V;
+    const A it = static_cast<A>(p.inv_temp);
+    A* logp = static_cast<A*>(p.logp);
+    A* lse = static_cast<A*>(p.lse);
+    A* ent = static_cast<A*>(p.ent);
+    for (int64_t r = begin; r < end; ++r) {
+      if (!p.mask[r]) {
+        logp[r] = lse[r] = ent[r] = 0;
+        continue;
+      }
+      const T* z = zrow(p, r);
+      const A zy = static_cast<A>(z[p.tokens[r]]);
+      const A m = row_max(z, V);
+      A s, h;
+      if (p.with_entropy)
+        exp_pass<true, false>(z, V, m, it, nullptr, s, h);
+      else
+        exp_pass<false, false>(z, V, m, it, nullptr, s, h);
+      const A ls = std::log(s);
+      lse[r] = m * it + ls;
+      logp[r] = zy * it - lse[r];
+      ent[r] = p.with_entropy ? ls - h / s : A(0);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  static void bwd(const RowProblem& p, int64_t begin, int64_t end) {
+    const int64_t V = p.V;
+    const A it = static_cast<A>(p.inv_temp);
+    const A* gl_ = static_cast<const A*>(p.grad_logp);
+    const A* gh_ = static_cast<const A*>(p.grad_ent);
+    const A* lse_ = static_cast<const A*>(p.lse_in);
+    const A* ent_ = static_cast<const A*>(p.ent_in);
+    const VA vit(it);
+    for (int64_t r = begin; r < end; ++r) {
+      T* g = grow(p, r);
+      if (!p.mask[r]) {
+        zero_row(g, V);
+        continue;
+      }
+      const T* z = zrow(p, r);  // may alias g: each chunk is read before it is written
+      const int64_t y = p.tokens[r];
+      const A zy = static_cast<A>(z[y]);
+      const A gl = gl_[r], gh = gh_ ? gh_[r] : A(0), lz = lse_[r];
+      const A c = lz - ent_[r];
+      int64_t i = 0;
+      if (gh == A(0)) {
+        const VA k(-gl * it), vL(lz);
+        for (; i + W <= V; i += W) {
+          VA x[N];
+          Io<T>::load(z + i, x);
+          for (int q = 0; q < N; ++q) x[q] = k * vexp(x[q] * vit - vL);
+          Io<T>::store(g + i, x);
+        }
+        for (; i < V; ++i) g[i] = static_cast<T>(-gl * it * std::exp(static_cast<A>(z[i]) * it - lz));
+      } else {
+        // z = -inf gives p = 0; the floor keeps gh * (s - c) finite there (0 * inf would be NaN) and is low
+        // enough that exp(floor - lse) underflows to 0 in A.
+        const A floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));
+        const VA vgl(gl), vgh(gh), vc(c), vL(lz), vnit(-it), vfloor(floor);
+        for (; i + W <= V; i += W) {
+          VA x[N];
+          Io<T>::load(z + i, x);
+          for (int q = 0; q < N; ++q) {
+            const VA sv = at::vec::maximum(x[q] * vit, vfloor);
+            x[q] = vexp(sv - vL) * (vgl + vgh * (sv - vc)) * vnit;
+          }
+          Io<T>::store(g + i, x);
+        }
+        for (; i < V; ++i) {
+          const A sv = smax(static_cast<A>(z[i]) * it, floor);
+          g[i] = static_cast<T>(-std::exp(sv - lz) * (gl + gh * (sv - c)) * it);
+        }
+      }
+      const A sy = zy * it, py = std::exp(sy - lz);
+      g[y] = static_cast<T>((gl * (A(1) - py) - gh * py * (sy - c)) * it);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------
+  static void fwd_grad(const RowProblem& p, int64_t begin, int64_t end) {
+    const int64_t V = p.V;
+    const A it = static_cast<A>(p.inv_temp);
+    A* logp = static_cast<A*>(p.logp);
+    A* lse = static_cast<A*>(p.lse);
+    A* ent = static_cast<A*>(p.ent);
+    const A* coef = static_cast<const A*>(p.coef);
+    constexpr bool kScratch = !std::is_same<T, A>::value;
+    std::unique_ptr<A[]> scratch;
+    if (kScratch) scratch.reset(new A[V]);
+    for (int64_t r = begin; r < end; ++r) {
+      T* g = grow(p, r);
+      if (!p.mask[r]) {
+        logp[r] = lse[r] = ent[r] = 0;
+        zero_row(g, V);
+        continue;
+      }
+      const T* z = zrow(p, r);  // may alias g
+      const int64_t y = p.tokens[r];
+      const A zy = static_cast<A>(z[y]);
+      const A m = row_max(z, V);
+      A* e = kScratch ? scratch.get() : reinterpret_cast<A*>(g);
+      A s, h;
+      if (p.with_entropy)
+        exp_pass<true, true>(z, V, m, it, e, s, h);
+      else
+        exp_pass<false, true>(z, V, m, it, e, s, h);
+      const A ls = std::log(s);
+      const A lz = m * it + ls;
+      const A lp = zy * it - lz;
+      lse[r] = lz;
+      logp[r] = lp;
+      ent[r] = p.with_entropy ? ls - h / s : A(0);
+      const A cf = coef[r];
+      const VA k(-cf * it / s);
+      int64_t i = 0;
+      for (; i + W <= V; i += W) {
+        VA x[N];
+        for (int q = 0; q < N; ++q) x[q] = VA::loadu(e + i + q * L) * k;
+        Io<T>::store(g + i, x);
+      }
+      for (; i < V; ++i) g[i] = static_cast<T>(e[i] * (-cf * it / s));
+      g[y] = static_cast<T>(cf * (A(1) - std::exp(lp)) * it);
+    }
+  }
+};
+
+inline const CpuKernelTable& make_table(const char* isa) {
+  static const CpuKernelTable table = {
+      isa,
+      {&Rows<float>::fwd, &Rows<double>::fwd, &Rows<c10::BFloat16>::fwd, &Rows<c10::Half>::fwd},
+      {&Rows<float>::bwd, &Rows<double>::bwd, &Rows<c10::BFloat16>::bwd, &Rows<c10::Half>::bwd},
+      {&Rows<float>::fwd_grad, &Rows<double>::fwd_grad, &Rows<c10::BFloat16>::fwd_grad,
+       &Rows<c10::Half>::fwd_grad},
+  };
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace grpo

@@ -1,0 +1,250 @@
+"""Kernel module of the ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA ops of ``csrc/`` (library ``grpo_kernels_C``).
+
+Implements the kernel-module contract of :mod:`grpo_kernels.backends` (``is_available``, ``logprobs_fwd``,
+``logprobs_bwd`` with ``out=``) plus the one-pass ``logprobs_fwd_grad``. Shapes: logits ``(S, T, V)`` with a
+unit vocabulary stride, ``tokens (S, T)`` int64, ``mask (S, T)`` bool, per-row tensors ``(S, T)`` in fp32
+(fp64 for fp64 logits).
+
+How the compiled code is found (lazily, on the first call -- importing this module builds nothing):
+
+1. the prebuilt extensions ``grpo_kernels._C`` (CPU ops) and ``grpo_kernels._C_cuda`` (CUDA ops), built by
+   ``pip install --no-build-isolation -e .`` through ``build_ext_config.py``;
+2. otherwise a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja, cached in torch's
+   extension directory, ``TORCH_EXTENSIONS_DIR`` overrides it). A message goes to stderr while it builds.
+   ``GRPO_KERNELS_FORCE_JIT=1`` skips step 1 (handy while editing ``csrc/``).
+
+The ops are registered in the ``torch.ops.grpo_kernels_C`` namespace with Python fake implementations here,
+so ``torch.library.opcheck`` and ``torch.compile`` work with them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+BWD_SUPPORTS = ("out",)
+FWD_GRAD = True
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join(os.path.dirname(_PKG_DIR), "csrc")
+_CPU_SOURCES = ("ops.cpp", "cpu_ops.cpp", "cpu_kernels_default.cpp", "cpu_kernels_avx2.cpp",
+                "cpu_kernels_avx512.cpp")
+_CUDA_SOURCES = ("cuda_ops.cu",)
+
+_lock = threading.RLock()
+_state = {}  # "cpu"/"cuda" -> (ok: bool, reason: str)
+_fakes_registered = False
+
+
+def _cxx_flags():
+    flags = ["-O3"]
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        flags.append("-fopenmp")  # at::parallel_for is inlined: without it the kernels run on one thread
+    return flags
+
+
+def _ld_flags():
+    return ["-fopenmp"] if "-fopenmp" in _cxx_flags() else []
+
+
+def _prebuilt(name: str) -> Optional[str]:
+    if os.environ.get("GRPO_KERNELS_FORCE_JIT", "0") == "1":
+        return None
+    try:
+        spec = importlib.util.find_spec(f"grpo_kernels.{name}")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def _check_sources(names) -> list:
+    paths = [os.path.join(_CSRC, n) for n in names]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise ImportError(
+            "grpo_kernels was installed without its compiled C++ extension, and the csrc/ sources needed to "
+            f"build it on first use are not reachable (looked for {missing[0]}). Install from a source "
+            "checkout with `pip install --no-build-isolation -e .` (builds the extension), or use "
+            "backend='torch'.")
+    return paths
+
+
+def _check_compiler(cuda: bool) -> None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None and shutil.which("clang++") is None:
+        raise RuntimeError(
+            f"building the grpo_kernels C++ extension needs a C++ compiler, but none was found ({cxx!r}, g++, "
+            "clang++ are not on PATH). Install one (e.g. `apt-get install g++`), set CXX, or use backend='torch'.")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            raise RuntimeError("building the grpo_kernels C++ extension needs ninja: `pip install ninja`")
+    if cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+        if torch.version.cuda is None:
+            raise RuntimeError("the CUDA ops need a CUDA build of PyTorch (this torch is CPU-only)")
+        if CUDA_HOME is None:
+            raise RuntimeError("building the grpo_kernels CUDA extension needs nvcc (set CUDA_HOME)")
+
+
+def _jit(name: str, sources, cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    _check_compiler(cuda)
+    print(f"grpo_kernels: compiling the {'CUDA' if cuda else 'CPU'} extension {name} from {_CSRC} "
+          "(first use only; cached in torch's extension directory)...", file=sys.stderr, flush=True)
+    kw = dict(name=name, sources=list(sources), extra_cflags=_cxx_flags(), extra_ldflags=_ld_flags(),
+              extra_include_paths=[_CSRC], is_python_module=False, verbose=False)
+    if cuda:
+        kw["extra_cuda_cflags"] = ["-O3", "-lineinfo"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # the GPU present decides which arch to build for (this is first use at runtime, not install time)
+            major, minor = torch.cuda.get_device_capability()
+            kw["extra_cuda_cflags"].append(f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}")
+    cpp_extension.load(**kw)
+    print(f"grpo_kernels: {name} ready.", file=sys.stderr, flush=True)
+
+
+def _load_cpu() -> None:
+    path = _prebuilt("_C")
+    if path is not None:
+        torch.ops.load_library(path)
+    else:
+        _jit("grpo_kernels_C_cpu", _check_sources(_CPU_SOURCES), cuda=False)
+    _register_fakes()
+
+
+def _load_cuda() -> None:
+    ensure_loaded("cpu")  # the op schemas live in the CPU library
+    path = _prebuilt("_C_cuda")
+    if path is not None:
+        torch.ops.load_library(path)
+        return
+    if torch.version.cuda is None:
+        raise RuntimeError("the CUDA ops were not built: this torch is CPU-only")
+    if _prebuilt("_C") is not None and os.environ.get("GRPO_KERNELS_JIT_CUDA", "0") != "1":
+        raise RuntimeError("the CUDA ops were not built (grpo_kernels._C_cuda is missing: the package was "
+                           "installed without nvcc or with GRPO_KERNELS_SKIP_CUDA_BUILD=1). Reinstall where nvcc "
+                           "exists, or set GRPO_KERNELS_JIT_CUDA=1 to compile them on first use")
+    _jit("grpo_kernels_C_cuda", _check_sources(_CUDA_SOURCES), cuda=True)
+
+
+def ensure_loaded(kind: str = "cpu") -> None:
+    """Load (building if needed) the ``"cpu"`` or ``"cuda"`` ops once; re-raises the first failure."""
+    with _lock:
+        st = _state.get(kind)
+        if st is None:
+            try:
+                (_load_cpu if kind == "cpu" else _load_cuda)()
+                st = (True, "")
+            except Exception as e:  # remembered: a failed build is not retried on every call
+                st = (False, f"{type(e).__name__}: {e}")
+            _state[kind] = st
+    if not st[0]:
+        raise RuntimeError(f"grpo_kernels C++ {kind} ops are unavailable: {st[1]}")
+
+
+def is_available(device) -> Tuple[bool, str]:
+    """``(available, reason)``: the CPU ops for CPU tensors, the CUDA ops for CUDA tensors (loads them)."""
+    device = torch.device(device)
+    kind = "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+    if kind is None:
+        return False, f"no C++ kernels for {device.type} tensors"
+    try:
+        ensure_loaded(kind)
+    except RuntimeError as e:
+        return False, str(e)
+    if kind == "cpu":
+        return True, f"C++ CPU kernels ({torch.ops.grpo_kernels_C.cpu_isa()}, {torch.get_num_threads()} threads)"
+    return True, "CUDA C++ kernels"
+
+
+def _kind(t: Tensor) -> str:
+    return "cuda" if t.device.type == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel-module contract
+# --------------------------------------------------------------------------------------------------------------
+def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float,
+                 with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy)``, each ``(S, T)`` fp32 (fp64 for fp64 logits); see the module docstring."""
+    ensure_loaded(_kind(logits))
+    return torch.ops.grpo_kernels_C.logprobs_fwd(logits, tokens, mask, float(temperature), bool(with_entropy))
+
+
+def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
+                 lse: Tensor, entropy: Tensor, temperature: float, out: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. the logits ``(S, T, V)`` in their dtype (written into ``out`` when given)."""
+    ensure_loaded(_kind(logits))
+    ops = torch.ops.grpo_kernels_C
+    if out is None:
+        return ops.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature))
+    ops.logprobs_bwd_out(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature), out)
+    return out
+
+
+def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
+                      with_entropy: bool, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass: ``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t] (1[v=y] - p_v) / τ``.
+
+    ``coef (S, T)`` fp32 (fp64 for fp64 logits). ``grad`` is a new contiguous tensor in the logits' dtype, or
+    ``out`` (which may be the logits themselves: each row is read before it is overwritten).
+    """
+    ensure_loaded(_kind(logits))
+    ops = torch.ops.grpo_kernels_C
+    if out is None:
+        return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy))
+    logp, lse, ent = ops.logprobs_fwd_grad_out(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
+                                               out)
+    return logp, lse, ent, out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fake (meta) implementations, registered once the library exists
+# --------------------------------------------------------------------------------------------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(logits: Tensor):
+    S, T, _ = logits.shape
+    return logits.new_empty((S, T), dtype=_acc(logits.dtype))
+
+
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    lib = "grpo_kernels_C::"
+
+    @torch.library.register_fake(lib + "logprobs_fwd")
+    def _fwd_fake(logits, tokens, mask, temperature, with_entropy):
+        return _rows(logits), _rows(logits), _rows(logits)
+
+    @torch.library.register_fake(lib + "logprobs_bwd")
+    def _bwd_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(lib + "logprobs_bwd_out")
+    def _bwd_out_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out):
+        return None
+
+    @torch.library.register_fake(lib + "logprobs_fwd_grad")
+    def _fwd_grad_fake(logits, tokens, mask, coef, temperature, with_entropy):
+        return _rows(logits), _rows(logits), _rows(logits), logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(lib + "logprobs_fwd_grad_out")
+    def _fwd_grad_out_fake(logits, tokens, mask, coef, temperature, with_entropy, out):
+        return _rows(logits), _rows(logits), _rows(logits)
+
+    _fakes_registered = True
