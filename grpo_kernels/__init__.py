@@ -12,6 +12,7 @@ package's own ``torch.library`` ops (``grpo_kernels::*``) so that ``torch.compil
 
 from ._version import __version__
 from .backends import available_backends
+from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
 from .loss import GRPOLoss, grpo_loss, token_logprobs
 from .reference import compute_grpo_loss, group_advantages, group_weights
 
@@ -21,6 +22,8 @@ __all__ = [
     "grpo_loss",
     "GRPOLoss",
     "token_logprobs",
+    "fused_linear_grpo_loss",
+    "FusedLinearGRPOLoss",
     "group_weights",
     "group_advantages",
     "available_backends",

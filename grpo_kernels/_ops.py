@@ -172,31 +172,49 @@ def supports_one_pass(backend: str) -> bool:
     return bool(getattr(_backends.kernel_module(backend), "FWD_GRAD", False))
 
 
+def scale_saved_gradients(ctx, grads, grad_out: Tensor):
+    """Gradients computed in a forward, scaled in place by the incoming ``grad_out`` (one 0-dim tensor).
+
+    Scaling in place keeps the memory at one buffer (gradient accumulation passes ``grad_out = 1/k``). The
+    scale already applied is remembered, so a second backward through a retained graph rescales instead of
+    compounding; ``.data`` is used so the in-place update of a saved tensor is not flagged by autograd.
+    """
+    want = grad_out.detach().to(torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads)
+                                else torch.float32)
+    have = getattr(ctx, "applied_scale", None)
+    if have is None:
+        factor = want
+    else:
+        if bool(have.eq(0)):
+            raise RuntimeError("grpo_kernels: a retained graph was backpropagated with a zero grad_output, which "
+                               "erased its precomputed gradient; recompute the loss for another backward.")
+        factor = want / have
+    if not bool(factor.eq(1)):
+        for g in grads:
+            if g is not None:
+                g.data.mul_(factor)
+    ctx.applied_scale = want
+    return grads
+
+
 class _AttachGradient(torch.autograd.Function):
     """Returns ``value`` unchanged; its backward hands ``grad_output · grad_logits`` to ``logits`` (the
     gradient was computed in the forward) and ``grad_output`` to ``value``'s own graph (e.g. the rewards).
 
-    The stored gradient is released by the backward so that autograd can adopt it as ``.grad`` without a
-    copy; a second backward through the same graph (``retain_graph=True``) therefore raises a clear error.
+    The gradient buffer is a saved tensor: it is freed with the graph after ``backward()``, and
+    ``retain_graph=True`` works as usual. (Tip: ``torch.autograd.grad`` or non-leaf logits -- the normal
+    case, logits produced by the LM head -- hand the buffer on without the copy autograd makes when it
+    accumulates into a leaf's ``.grad`` while the buffer is still referenced.)
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, value: Tensor, grad_logits: Tensor):
-        ctx.grad_logits = grad_logits
-        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(grad_logits)
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad = ctx.grad_logits
-        if grad is None:
-            raise RuntimeError("grpo_kernels: the one-pass gradient of this loss was already consumed by an "
-                               "earlier backward(). Backpropagating twice through the same loss (retain_graph=True) "
-                               "is not supported on this path; recompute the loss, or call grpo_loss under "
-                               "torch.compile / with inplace_backward=True (two-pass paths).")
-        ctx.grad_logits = None
-        if not bool(grad_out.eq(1).all()):
-            grad = grad.mul_(grad_out.to(grad.dtype))
+        (grad,) = scale_saved_gradients(ctx, ctx.saved_tensors, grad_out)
         return grad, grad_out, None
 
 

@@ -110,17 +110,25 @@ def test_coefficients_are_constant_only_when_linear():
     assert L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "ref_logprobs": old})  # kl_coef = 0
 
 
-def test_one_pass_second_backward_raises_clearly():
+def test_one_pass_retained_graph_and_scaled_backward():
+    """grad_output scales the precomputed gradient in place; a retained graph can be backpropagated again
+    with another scale and gives the right gradient (not a compounded one)."""
     z, tok, m, r = _inputs()
-    zz = z.clone().requires_grad_(True)
     mm = ref.effective_mask(tok, m, torch.float32)
     kw = {**DEFAULTS, "loss_type": "softmax"}
     coef = L.logprob_coefficients(mm, r, **kw)
-    loss = _ops.one_pass_loss(zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, r, **kw),
-                              tok, m, coef, 1.0, False, "torch")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already consumed"):
-        loss.backward()
+    zz = z.clone().requires_grad_(True)
+    loss = _ops.one_pass_loss(zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, r, **kw), tok, m, coef, 1.0,
+                              False, "torch")
+    (g1,) = torch.autograd.grad(0.25 * loss, zz, retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(3.0 * loss, zz)
+    z2 = z.clone().requires_grad_(True)
+    (e,) = torch.autograd.grad(ref.grpo_loss(z2, tok, r, m, group_size=G), z2)
+    torch.testing.assert_close(g1, 0.25 * e, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g2, 3.0 * e, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time|freed"):
+        torch.autograd.grad(loss, zz)
 
 
 def test_fwd_grad_out_into_logits_and_masked_rows_zero():
