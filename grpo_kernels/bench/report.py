@@ -201,15 +201,15 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
         lines.append("")
     other = [r for r in rows if r.get("status") != "ok"]
     if other:
-        lines += ["## Not run", "", "| case | impl | status | reason |", "|---|---|---|---|"]
-        seen = set()
+        n_cases = len({_case_key(r) for r in rows})
+        reasons: Dict[tuple, List[str]] = OrderedDict()
         for r in other:
-            key = (r["op"], r["mode"], _case_label(r), r["impl"])
-            if key in seen:
-                continue
-            seen.add(key)
-            reason = str(r.get("reason", "")).replace("|", "\\|")
-            lines.append(f"| {r['op']} {r['mode']} {_case_label(r)} | `{r['impl']}` | {r['status']} | {reason} |")
+            label = f"{r['op']} {r['mode']} {_case_label(r)}"
+            reasons.setdefault((r["impl"], r["status"], str(r.get("reason", ""))), []).append(label)
+        lines += ["## Not run", "", "| impl | status | reason | cases |", "|---|---|---|---|"]
+        for (impl, status, reason), labels in reasons.items():
+            where = f"all {n_cases} cases" if len(labels) == n_cases and n_cases > 1 else "; ".join(labels)
+            lines.append(f"| `{impl}` | {status} | {reason.replace('|', '/')} | {where} |")
         lines.append("")
     return "\n".join(lines)
 
