@@ -36,9 +36,8 @@ at launch, so setting ``TRITON_INTERPRET=1`` after importing this module (as the
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -105,7 +104,7 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
                 out_ptr,  # (S,T,V) strided rows, logits dtype; may alias logits_ptr
                 T, V, stride_s, stride_t, out_stride_s, out_stride_t,
                 inv_tau: tl.float64,
-                HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
     out_ty = out_ptr.dtype.element_ty
@@ -133,7 +132,13 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
         grad = g * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)  # target term 1 - p_y in fp32/fp64
         if HAS_GRAD_ENT:
             grad -= gh * p * tl.where(p == 0.0, 0.0, z - mean_z)  # p = 0 (z = -inf) -> 0, not NaN
-        tl.store(out_base + cols, (grad * scale).to(out_ty), mask=cols < V)
+        grad = grad * scale
+        if RNE_BF16:  # interpreter only (see _rne_bf16): round to nearest even by hand
+            u = grad.to(tl.uint32, bitcast=True)
+            u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+            tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
+        else:
+            tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
 
 
 def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) accumulation dtype
@@ -141,7 +146,7 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
                      out_ptr,  # (S,T,V) strided rows, logits dtype; may alias logits_ptr
                      T, V, stride_s, stride_t, out_stride_s, out_stride_t,
                      inv_tau: tl.float64,
-                     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc_ty = logp_ptr.dtype.element_ty
     out_ty = out_ptr.dtype.element_ty
@@ -190,7 +195,12 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
         p = tl.exp(z - lse)
         grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
-        tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+        if RNE_BF16:
+            u = grad.to(tl.uint32, bitcast=True)
+            u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+            tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
+        else:
+            tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
 
 
 def _interpreting() -> bool:
@@ -198,13 +208,20 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(interpret: bool):
-    """The jitted kernels for one value of the interpreter flag (decorated lazily, see the module doc)."""
-    del interpret  # only the cache key: triton.jit reads the flag itself, and it has this value now
-    return (triton.jit(_fwd_kernel, do_not_specialize=["T"]),
-            triton.jit(_bwd_kernel, do_not_specialize=["T"]),
-            triton.jit(_fwd_grad_kernel, do_not_specialize=["T"]))
+_KERNEL_SETS: Dict[bool, tuple] = {}  # interpreter flag -> (fwd, bwd, fwd_grad)
+
+
+def _kernels() -> tuple:
+    """``(fwd, bwd, fwd_grad)`` jitted for the interpreter flag in force now (decorated lazily, see the
+    module doc; triton.jit reads the flag itself when it decorates)."""
+    interpret = _interpreting()
+    kernels = _KERNEL_SETS.get(interpret)
+    if kernels is None:
+        kernels = (triton.jit(_fwd_kernel, do_not_specialize=["T"]),
+                   triton.jit(_bwd_kernel, do_not_specialize=["T"]),
+                   triton.jit(_fwd_grad_kernel, do_not_specialize=["T"]))
+        _KERNEL_SETS[interpret] = kernels
+    return kernels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,6 +238,12 @@ def _launch_config(V: int, dtype: torch.dtype, block_v: Optional[int]) -> Tuple[
         bv = min(triton.next_power_of_2(max(V, 16)), cap)
     num_warps = 4 if bv <= 1024 else (8 if bv <= 4096 else 16)
     return bv, num_warps
+
+
+def _rne_bf16(dtype: torch.dtype) -> bool:
+    """Round fp32 -> bf16 gradients to nearest even by hand? Only under the interpreter: Triton 3.9's
+    interpreter truncates that cast, while compiled kernels round to nearest even (``cvt.rn.bf16x2.f32``)."""
+    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _check_inputs(logits: Tensor, tokens: Tensor, mask: Tensor, temperature) -> Tuple[Tensor, Tensor, float]:
@@ -318,7 +341,7 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
     if S * T == 0:
         return logp, lse, ent
     bv, nw = _launch_config(V, logits.dtype, block_v)
-    fwd, _, _ = _kernels(_interpreting())
+    fwd, _, _ = _kernels()
     with _on_device(logits):
         fwd[(S * T,)](logits, tokens, mask_u8, logp, lse, ent, T, V, logits.stride(0), logits.stride(1), inv_tau,
                       WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, num_warps=nw)
@@ -355,11 +378,11 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
     if S * T == 0 or V == 0:
         return out
     bv, nw = _launch_config(V, logits.dtype, block_v)
-    _, bwd, _ = _kernels(_interpreting())
+    _, bwd, _ = _kernels()
     with _on_device(logits):
         bwd[(S * T,)](grad_logp, grad_entropy, logits, tokens, mask_u8, lse, entropy, out, T, V,
                       logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
-                      HAS_GRAD_ENT=has_ge, BLOCK_V=bv, num_warps=nw)
+                      HAS_GRAD_ENT=has_ge, BLOCK_V=bv, RNE_BF16=_rne_bf16(logits.dtype), num_warps=nw)
     return out
 
 
@@ -391,9 +414,10 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     if S * T == 0:
         return logp, lse, ent, out
     bv, nw = _launch_config(V, logits.dtype, block_v)
-    _, _, fwd_grad = _kernels(_interpreting())
+    _, _, fwd_grad = _kernels()
     with _on_device(logits):
         fwd_grad[(S * T,)](logits, tokens, mask_u8, coef, logp, lse, ent, out, T, V,
                            logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
-                           WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, num_warps=nw)
+                           WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, RNE_BF16=_rne_bf16(logits.dtype),
+                           num_warps=nw)
     return logp, lse, ent, out

@@ -1,0 +1,570 @@
+"""The Triton backend (``grpo_kernels/triton_kernels.py``) against the eager reference and autograd.
+
+CPU tests run the kernels under the Triton interpreter (the ``triton_interpret`` fixture sets
+``TRITON_INTERPRET=1``), on small ragged shapes (S=6, G=3, T=5, V=67: V is not a power of two, and
+``block_v=16`` forces the multi-chunk online reduction). Tests marked ``gpu`` run the compiled kernels at
+real sizes (S·T = 8192 with V = 151,936 and 262,144; one sequence of 65,536+ tokens) and compare with the
+reference in row chunks so that the reference's fp32 temporaries stay small.
+"""
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import backends
+from grpo_kernels import reference as ref
+
+from grpo_kernels import triton_kernels as tk
+
+S, T, V, G = 6, 5, 67, 3
+LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(dtype=torch.float32, *, device="cpu", s=S, t=T, v=V):
+    """Logits (some rows with ``-inf`` entries: a masked vocabulary), tokens with a ``-100``, a mask with a
+    fully masked sequence and a ragged tail, and rewards (the special entries need s >= 4, t >= 3)."""
+    z = torch.randn(s, t, v, dtype=dtype, device=device) * 2
+    tok = torch.randint(0, v, (s, t), device=device)
+    m = torch.ones(s, t, device=device)
+    if s >= 4 and t >= 3:
+        z[0, 0, : v // 3] = float("-inf")
+        tok[0, 0] = v - 1
+        z[1, 2, 1::2] = float("-inf")
+        tok[1, 2] = 0
+        tok[0, 1] = -100
+        m[2] = 0  # a fully masked sequence
+        m[3, t // 2 + 1:] = 0
+    r = torch.randn(s, dtype=_acc(dtype), device=device)
+    return z, tok, m, r
+
+
+def _keep(tok, m):
+    return ((tok != -100) & (m != 0)).contiguous()
+
+
+def _ref_logprobs(z, tok, keep, temperature, entropy=True):
+    """Reference (logp, entropy) with masked positions 0, differentiable w.r.t. ``z``."""
+    return ref.token_logprobs(z, torch.where(keep, tok, torch.full_like(tok, -100)), temperature,
+                              return_entropy=entropy)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+
+
+def _gtol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-13)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=1.6e-2, atol=1e-6)  # one bf16 rounding of the gradient either side
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------------------
+def test_availability_follows_the_interpreter_flag(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = tk.is_available(torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        backends.resolve_backend("triton", "cpu")
+    assert tk.is_available(torch.device("meta"))[0] is False
+    assert tk.is_available(torch.device("cuda"))[0] == torch.cuda.is_available()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, reason = tk.is_available(torch.device("cpu"))
+    assert ok and "interpreter" in reason
+    assert backends.resolve_backend("triton", "cpu") == "triton"
+    assert tk.BWD_SUPPORTS == ("out",) and tk.FWD_GRAD is True
+
+
+def test_kernels_are_built_per_interpreter_flag(monkeypatch):
+    """triton.jit decides compile-vs-interpret when it decorates; the module decorates lazily, per flag, so
+    setting TRITON_INTERPRET after the import works (and the compiled kernels stay available)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not any(isinstance(k, InterpretedFunction) for k in tk._kernels())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert all(isinstance(k, InterpretedFunction) for k in tk._kernels())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernel-module functions, directly
+# ----------------------------------------------------------------------------------------------------------
+def _strided(z):
+    """The same values as ``z`` in a tensor whose S and T strides are not the contiguous ones."""
+    s, t, v = z.shape
+    big = torch.full((s, 2 * t, v + 5), 7.0, dtype=z.dtype, device=z.device)
+    view = big[:, ::2, 2:v + 2]
+    view.copy_(z)
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_fwd_and_bwd_match_reference_autograd(triton_interpret, dtype, temperature, block_v):
+    z, tok, m, _ = _inputs(dtype)
+    keep = _keep(tok, m)
+    zs = _strided(z) if block_v == 16 else z  # strided S/T dims on half the cases
+    lp, lse, ent = tk.logprobs_fwd(zs, tok, keep, temperature, True, block_v=block_v)
+
+    zz = z.clone().requires_grad_(True)
+    rlp, rent = _ref_logprobs(zz, tok, keep, temperature)
+    torch.testing.assert_close(lp, rlp.detach(), **_tol(dtype))
+    torch.testing.assert_close(ent, rent.detach(), **_tol(dtype))
+    rlse = torch.logsumexp(z.to(_acc(dtype)) / temperature, -1)
+    torch.testing.assert_close(lse[keep], rlse[keep], **_tol(dtype))
+    assert (lp[~keep] == 0).all() and (lse[~keep] == 0).all() and (ent[~keep] == 0).all()
+    assert lp.dtype == _acc(dtype) and lp.is_contiguous()
+
+    g = torch.randn(S, T, dtype=_acc(dtype))
+    gh = torch.randn(S, T, dtype=_acc(dtype))
+    ((rlp * g).sum() + (rent * gh).sum()).backward()
+    grad = tk.logprobs_bwd(g, gh, zs, tok, keep, lse, ent, temperature, block_v=block_v)
+    assert grad.dtype == dtype and grad.is_contiguous()
+    torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+    assert (grad[~keep] == 0).all()
+    assert torch.isfinite(grad).all()
+
+    # without an entropy gradient
+    zz.grad = None
+    rlp, _ = _ref_logprobs(zz, tok, keep, temperature)
+    (rlp * g).sum().backward()
+    grad = tk.logprobs_bwd(g, None, zs, tok, keep, lse, ent, temperature, block_v=block_v)
+    torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fwd_without_entropy_and_fwd_grad(triton_interpret, dtype):
+    z, tok, m, _ = _inputs(dtype)
+    keep = _keep(tok, m)
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, 0.8, False)
+    assert (ent == 0).all()
+    coef = torch.randn(S, T, dtype=_acc(dtype))
+    lp2, lse2, ent2, grad = tk.logprobs_fwd_grad(z, tok, keep, coef, 0.8, True, block_v=16)
+    torch.testing.assert_close(lp2, lp, **_tol(dtype))
+    torch.testing.assert_close(lse2, lse, **_tol(dtype))
+    zz = z.clone().requires_grad_(True)
+    rlp, rent = _ref_logprobs(zz, tok, keep, 0.8)
+    torch.testing.assert_close(ent2, rent.detach(), **_tol(dtype))
+    (coef * rlp).sum().backward()
+    assert grad.dtype == dtype and grad.shape == z.shape and grad.is_contiguous()
+    torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+    assert (grad[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("fn", ["bwd", "fwd_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_may_be_the_logits_themselves(triton_interpret, fn, dtype):
+    z, tok, m, _ = _inputs(dtype)
+    keep = _keep(tok, m)
+    coef = torch.randn(S, T)
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, 0.9, True)
+
+    def run(logits, out):
+        if fn == "bwd":
+            return tk.logprobs_bwd(coef, None, logits, tok, keep, lse, ent, 0.9, out=out, block_v=16)
+        return tk.logprobs_fwd_grad(logits, tok, keep, coef, 0.9, False, out=out, block_v=16)[3]
+
+    expected = run(z, None)
+    buf = z.clone()
+    got = run(buf, buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, expected)
+
+    # strided logits overwritten in place: only the (S, T, V) view changes, the padding around it does not
+    zs = _strided(z)
+    base = zs._base.clone()
+    zs2 = base[:, ::2, 2:V + 2]
+    run(zs2, zs2)
+    assert torch.equal(zs2, expected)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched[:, ::2, 2:V + 2] = False
+    assert (base[untouched] == 7.0).all()
+
+
+def test_masked_rows_are_not_read(triton_interpret):
+    """NaN in every masked row must not leak anywhere: those rows are skipped, their gradient is exactly 0."""
+    z, tok, m, _ = _inputs(torch.float32)
+    keep = _keep(tok, m)
+    zn = z.clone()
+    zn[~keep] = float("nan")
+    lp, lse, ent = tk.logprobs_fwd(zn, tok, keep, 1.0, True)
+    lp0, _, ent0 = tk.logprobs_fwd(z, tok, keep, 1.0, True)
+    assert torch.equal(lp, lp0) and torch.equal(ent, ent0)
+    grad = tk.logprobs_bwd(torch.ones(S, T), torch.ones(S, T), zn, tok, keep, lse, ent, 1.0)
+    _, _, _, grad2 = tk.logprobs_fwd_grad(zn, tok, keep, torch.ones(S, T), 1.0, True)
+    for gr in (grad, grad2):
+        assert torch.isfinite(gr).all()
+        assert (gr[~keep] == 0).all() and (gr[keep].abs().sum(-1) > 0).all()
+
+
+def test_contract_argument_checks(triton_interpret):
+    z, tok, m, _ = _inputs()
+    keep = _keep(tok, m)
+    with pytest.raises(ValueError, match="unit vocabulary stride"):
+        tk.logprobs_fwd(z.transpose(1, 2).contiguous().transpose(1, 2), tok, keep, 1.0, False)
+    with pytest.raises(ValueError, match="block_v"):
+        tk.logprobs_fwd(z, tok, keep, 1.0, False, block_v=24)
+    with pytest.raises(ValueError, match="out"):
+        tk.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, out=torch.empty(S, T, V + 1))
+    with pytest.raises(ValueError, match="coef"):
+        tk.logprobs_fwd_grad(z, tok, keep, torch.ones(S), 1.0, False)
+    with pytest.raises(ValueError, match="temperature"):
+        tk.logprobs_fwd(z, tok, keep, 0.0, False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public API with backend="triton" (one-pass and two-pass paths, through the custom ops)
+# ----------------------------------------------------------------------------------------------------------
+def _loss_and_grads(backend, z, tok, m, r, kw, metrics, grad_output=3.0):
+    zz = z.detach().clone().requires_grad_(True)
+    rr = r.detach().clone().requires_grad_(True)
+    fn = ref.grpo_loss if backend == "torch" else gk.grpo_loss
+    out = fn(zz, tok, rr, m, return_metrics=metrics, backend=backend, **kw)
+    loss, met = out if metrics else (out, None)
+    (grad_output * loss).backward()  # grad_output != 1: e.g. gradient accumulation
+    return loss.detach(), zz.grad, rr.grad, met
+
+
+# (old/ref log-probs, kl_coef, importance-sampling level): the first and last rows take the one-pass path
+# (coefficients constant), the others the two-pass forward + backward kernels.
+POLICY_CASES = [
+    pytest.param(False, False, 0.0, "token", id="on-policy"),
+    pytest.param(True, True, 0.05, "token", id="old+ref-kl"),
+    pytest.param(True, False, 0.0, "sequence", id="old-gspo"),
+    pytest.param(False, True, 0.0, "sequence", id="ref-nokl-gspo"),
+]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("old,refl,kl_coef,level", POLICY_CASES)
+def test_grpo_loss_matches_reference(triton_interpret, loss_type, dtype, old, refl, kl_coef, level):
+    z, tok, m, r = _inputs(dtype)
+    acc = _acc(dtype)
+    temperature = 0.7 if dtype == torch.float32 else 1.0
+    kw = dict(group_size=G, loss_type=loss_type, temperature=temperature, kl_coef=kl_coef,
+              importance_sampling_level=level, epsilon=0.1, epsilon_high=0.3, delta=1.5 if old else None)
+    if old:
+        kw["old_logprobs"] = (-torch.rand(S, T, dtype=acc) * 3).to(acc)
+    if refl:
+        kw["ref_logprobs"] = (-torch.rand(S, T, dtype=acc) * 3).to(acc)
+    metrics = loss_type != "dapo"
+    exp = _loss_and_grads("torch", z, tok, m, r, kw, metrics)
+    got = _loss_and_grads("triton", z, tok, m, r, kw, metrics)
+    tol = _tol(dtype)
+    torch.testing.assert_close(got[0], exp[0], **tol)
+    torch.testing.assert_close(got[1].double(), exp[1].double(), **_gtol(dtype))
+    torch.testing.assert_close(got[2], exp[2], **tol)
+    keep = _keep(tok, m)
+    assert (got[1][~keep] == 0).all()
+    if metrics:
+        assert set(got[3]) == set(exp[3])
+        for k in got[3]:
+            torch.testing.assert_close(got[3][k], exp[3][k], **tol)
+
+
+def test_grpo_loss_inplace_backward(triton_interpret):
+    z, tok, m, r = _inputs(torch.float32)
+    kw = dict(group_size=G, loss_type="grpo", old_logprobs=-torch.rand(S, T))
+    _, exp_gz, exp_gr, _ = _loss_and_grads("torch", z, tok, m, r, kw, False)
+    zz = z.clone().requires_grad_(True)
+    rr = r.clone().requires_grad_(True)
+    (3.0 * gk.grpo_loss(zz, tok, rr, m, backend="triton", inplace_backward=True, **kw)).backward()
+    torch.testing.assert_close(zz.grad, exp_gz, **_gtol(torch.float32))
+    torch.testing.assert_close(rr.grad, exp_gr, **_tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_matches_reference(triton_interpret, dtype):
+    z, tok, m, _ = _inputs(dtype)
+    zz = z.clone().requires_grad_(True)
+    lp, ent = gk.token_logprobs(zz, tok, 0.7, True, mask=m, backend="triton")
+    w = torch.randn(S, T)
+    ((lp * w).sum() + (ent * w.flip(1)).sum()).backward()
+    z2 = z.clone().requires_grad_(True)
+    rlp, rent = _ref_logprobs(z2, tok, _keep(tok, m), 0.7)
+    ((rlp * w).sum() + (rent * w.flip(1)).sum()).backward()
+    torch.testing.assert_close(lp, rlp, **_tol(dtype))
+    torch.testing.assert_close(ent, rent, **_tol(dtype))
+    torch.testing.assert_close(zz.grad.double(), z2.grad.double(), **_gtol(dtype))
+    # 2-D input (N, V) with -100 tokens and no mask
+    flat = z.reshape(-1, V)
+    out = gk.token_logprobs(flat, tok.reshape(-1), backend="triton")
+    torch.testing.assert_close(out, ref.token_logprobs(flat, tok.reshape(-1)), **_tol(dtype))
+
+
+def test_gradcheck_fp64(triton_interpret):
+    """fp64 gradcheck of the two-pass path (off-policy clipped loss with KL: coefficients depend on ℓ),
+    w.r.t. logits and rewards, and of token_logprobs through the entropy gradient."""
+    s, t, v = 2, 2, 5
+    z, tok, m, r = _inputs(torch.float64, s=s, t=t, v=v)
+    m[1, 1] = 0
+    old = -torch.rand(s, t, dtype=torch.float64)
+    refl = -torch.rand(s, t, dtype=torch.float64)
+
+    def loss(zz, rr):
+        return gk.grpo_loss(zz, tok, rr, m, group_size=2, loss_type="bnpo", old_logprobs=old, ref_logprobs=refl,
+                            kl_coef=0.1, temperature=0.9, epsilon=10.0, backend="triton")
+
+    assert torch.autograd.gradcheck(loss, (z.clone().requires_grad_(True), r.clone().requires_grad_(True)))
+
+    def logprobs(zz):
+        return gk.token_logprobs(zz, tok, 1.3, True, mask=m, backend="triton")
+
+    assert torch.autograd.gradcheck(logprobs, (z.clone().requires_grad_(True),))
+
+
+def test_bf16_error_at_most_twice_the_eager_reference(triton_interpret):
+    """Against an fp64 truth on the same bf16 values, the fused kernels' error (log-probs and gradient) is at
+    most 2x the error of the eager reference run on the same bf16 tensors -- including a row whose target has
+    p_y ~ 1, where rounding p_y to bf16 before forming 1 - p_y would destroy the target's gradient."""
+    z, tok, m, r = _inputs(torch.bfloat16)
+    z[4, 1] = z[4, 1].clamp(max=1.0)
+    z[4, 1, tok[4, 1]] = 12.0  # p_y ~ 1 - 4e-4: 1 - p_y is below bf16's resolution at 1
+    kw = dict(group_size=G, loss_type="softmax")
+    z64 = z.double().requires_grad_(True)
+    ref.grpo_loss(z64, tok, r.double(), m, **kw).backward()
+    truth = z64.grad
+    _, g_ref, _, _ = _loss_and_grads("torch", z, tok, m, r, kw, False, grad_output=1.0)
+    _, g_tri, _, _ = _loss_and_grads("triton", z, tok, m, r, kw, False, grad_output=1.0)
+    err_ref = (g_ref.double() - truth).abs().max()
+    err_tri = (g_tri.double() - truth).abs().max()
+    assert err_tri <= 2 * err_ref
+    y = tok[4, 1]
+    rel = ((g_tri[4, 1, y].double() - truth[4, 1, y]) / truth[4, 1, y]).abs()
+    assert truth[4, 1, y].abs() > 0 and rel < 2 ** -7
+
+    keep = _keep(tok, m)
+    lp, _, _ = tk.logprobs_fwd(z, tok, keep, 1.0, False)
+    lp_truth = _ref_logprobs(z.double(), tok, keep, 1.0, entropy=False)
+    lp_eager = _ref_logprobs(z, tok, keep, 1.0, entropy=False)
+    assert (lp - lp_truth).abs().max() <= 2 * (lp_eager - lp_truth).abs().max()
+
+
+def test_fp16_error_at_most_twice_the_eager_reference(triton_interpret):
+    z, tok, m, r = _inputs(torch.float16)
+    keep = _keep(tok, m)
+    coef = torch.randn(S, T)
+    _, _, _, g = tk.logprobs_fwd_grad(z, tok, keep, coef, 0.8, False)
+    z64 = z.double().requires_grad_(True)
+    (coef.double() * _ref_logprobs(z64, tok, keep, 0.8, entropy=False)).sum().backward()
+    z16 = z.clone().requires_grad_(True)
+    (coef * _ref_logprobs(z16, tok, keep, 0.8, entropy=False)).sum().backward()
+    assert (g.double() - z64.grad).abs().max() <= 2 * (z16.grad.double() - z64.grad).abs().max()
+
+
+def test_deterministic(triton_interpret):
+    z, tok, m, r = _inputs(torch.bfloat16)
+    kw = dict(group_size=G, loss_type="grpo", old_logprobs=-torch.rand(S, T))
+    a = _loss_and_grads("triton", z, tok, m, r, kw, False)
+    b = _loss_and_grads("triton", z, tok, m, r, kw, False)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+
+
+def test_bad_input_reaches_no_kernel(triton_interpret):
+    z, tok, m, r = _inputs()
+    bad = tok.clone()
+    bad[1, 1] = V
+    with pytest.raises(ValueError, match="tokens"):
+        gk.grpo_loss(z, bad, r, m, group_size=G, backend="triton")
+    with pytest.raises(ValueError, match="group_size"):
+        gk.grpo_loss(z, tok, r, m, group_size=4, backend="triton")
+    keep = _keep(tok, m)
+    with pytest.raises(ValueError, match="tokens"):
+        torch.ops.grpo_kernels.logprobs_fwd(z, torch.where(keep, bad, 0), keep, 1.0, False, "triton")
+
+
+def test_opcheck_cpu_interpreter(triton_interpret):
+    z, tok, m, _ = _inputs(torch.float32, s=2, t=2, v=7)
+    keep = _keep(tok, m)
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd.default,
+                          (z.requires_grad_(True), tok, keep, 0.9, True, "triton"))
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd_grad.default,
+                          (z.detach(), tok, keep, torch.randn(2, 2), 0.9, False, "triton"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at real sizes
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def compiled(monkeypatch):
+    """GPU tests run the compiled kernels even if the environment asks for the interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    yield
+
+
+def _chunked_reference(z, tok, keep, temperature, coef, g_ent=None, rows=512):
+    """Reference ``(logp, entropy)`` and ``d/dz of Σ coef·ℓ (+ Σ g_ent·H)`` computed ``rows`` rows at a time in
+    fp32 (the reference's full-size fp32 temporaries would not fit next to the logits); gradient in z's dtype."""
+    s, t, v = z.shape
+    zf, tf, kf, cf = z.reshape(-1, v), tok.reshape(-1), keep.reshape(-1), coef.reshape(-1)
+    gef = None if g_ent is None else g_ent.reshape(-1)
+    lps, ents, grads = [], [], []
+    for i in range(0, s * t, rows):
+        zc = zf[i:i + rows].detach().clone().requires_grad_(True)
+        lp, ent = _ref_logprobs(zc, tf[i:i + rows], kf[i:i + rows], temperature)
+        obj = (cf[i:i + rows] * lp).sum()
+        if gef is not None:
+            obj = obj + (gef[i:i + rows] * ent).sum()
+        obj.backward()
+        lps.append(lp.detach())
+        ents.append(ent.detach())
+        grads.append(zc.grad)
+    return torch.cat(lps).view(s, t), torch.cat(ents).view(s, t), torch.cat(grads).view(s, t, v)
+
+
+def _assert_grad_close_chunked(got, exp, rows=512, **tol):
+    gf, ef = got.reshape(-1, got.shape[-1]), exp.reshape(-1, exp.shape[-1])
+    for i in range(0, gf.shape[0], rows):
+        torch.testing.assert_close(gf[i:i + rows].float(), ef[i:i + rows].float(), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [151_936, 262_144])
+def test_gpu_parity_at_scale(compiled, vocab):
+    """S·T = 8192 rows of bf16 logits (S·T·V > 2^31 for V = 262,144: int64 offsets), forward, backward with
+    entropy gradient, and the one-pass kernel, against the chunked reference."""
+    s, t = 8, 1024
+    z, tok, m, _ = _inputs(torch.bfloat16, device="cuda", s=s, t=t, v=vocab)
+    keep = _keep(tok, m)
+    coef = torch.randn(s, t, device="cuda")
+    g_ent = torch.randn(s, t, device="cuda")
+    temperature = 0.9
+    lp_ref, ent_ref, grad_ref = _chunked_reference(z, tok, keep, temperature, coef, g_ent)
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, temperature, True)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=2e-4)
+    grad = tk.logprobs_bwd(coef, g_ent, z, tok, keep, lse, ent, temperature)
+    _assert_grad_close_chunked(grad, grad_ref, rtol=1.6e-2, atol=1e-9)
+    del grad, grad_ref
+    _, _, _, grad_ref = _chunked_reference(z, tok, keep, temperature, coef)
+    lp2, _, _, grad = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, False)
+    torch.testing.assert_close(lp2, lp, rtol=0, atol=0)
+    _assert_grad_close_chunked(grad, grad_ref, rtol=1.6e-2, atol=1e-9)
+    assert (grad[~keep] == 0).all()
+    # in place into the logits
+    _, _, _, grad2 = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, out=z)
+    assert grad2.data_ptr() == z.data_ptr() and torch.equal(z, grad)
+
+
+@pytest.mark.gpu
+def test_gpu_grpo_loss_at_scale(compiled):
+    """The public loss (one-pass and two-pass) at S·T = 8192, V = 151,936 in bf16 against the reference loss
+    on chunk-computed log-probs and the chain-rule gradient ``c · (1[v=y] − p)/τ``."""
+    s, t, vocab = 16, 512, 151_936
+    z, tok, m, r = _inputs(torch.bfloat16, device="cuda", s=s, t=t, v=vocab)
+    keep = _keep(tok, m)
+    mm = ref.effective_mask(tok, m, torch.float32)
+    for kw in (dict(loss_type="softmax"), dict(loss_type="grpo", old_logprobs=-torch.rand(s, t, device="cuda"))):
+        lp_ref, _, _ = _chunked_reference(z, tok, keep, 0.8, torch.zeros(s, t, device="cuda"))
+        lpr = lp_ref.clone().requires_grad_(True)
+        rr_ref = r.clone().requires_grad_(True)
+        loss_ref = ref.loss_from_logprobs(lpr, mm, rr_ref, group_size=4, **kw)
+        loss_ref.backward()
+        _, _, grad_ref = _chunked_reference(z, tok, keep, 0.8, lpr.grad)
+
+        zz = z.clone().requires_grad_(True)
+        rr = r.clone().requires_grad_(True)
+        loss = gk.grpo_loss(zz, tok, rr, m, group_size=4, temperature=0.8, backend="triton", **kw)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rr.grad, rr_ref.grad, rtol=1e-4, atol=1e-6)
+        _assert_grad_close_chunked(zz.grad, grad_ref, rtol=1.6e-2, atol=1e-9)
+        del zz
+
+
+@pytest.mark.gpu
+def test_gpu_one_long_sequence(compiled):
+    """Sequences of 65,543 tokens (T beyond CUDA's 65,535 grid-axis-1 limit), two- and one-pass."""
+    t, vocab = 65_543, 257
+    z, tok, m, r = _inputs(torch.float32, device="cuda", s=2, t=t, v=vocab)
+    m[1, -1000:] = 0
+    tok[0, 5] = -100
+    for kw in (dict(loss_type="softmax"), dict(loss_type="grpo", old_logprobs=-torch.rand(2, t, device="cuda"))):
+        exp = _loss_and_grads("torch", z, tok, m, r, dict(group_size=2, **kw), True)
+        got = _loss_and_grads("triton", z, tok, m, r, dict(group_size=2, **kw), True)
+        torch.testing.assert_close(got[0], exp[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], exp[1], rtol=1e-5, atol=1e-7)
+        for k in exp[3]:
+            torch.testing.assert_close(got[3][k], exp[3][k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_small_parity_and_determinism(compiled, dtype):
+    z, tok, m, r = _inputs(dtype, device="cuda", s=12, t=37, v=1000)
+    kw = dict(group_size=4, loss_type="dapo", old_logprobs=-torch.rand(12, 37, device="cuda"),
+              ref_logprobs=-torch.rand(12, 37, device="cuda"), kl_coef=0.1, temperature=0.6)
+    exp = _loss_and_grads("torch", z, tok, m, r, kw, True)
+    a = _loss_and_grads("triton", z, tok, m, r, kw, True)
+    b = _loss_and_grads("triton", z, tok, m, r, kw, True)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    gtol = _gtol(dtype) if dtype != torch.float16 else dict(rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(a[0], exp[0], **_tol(dtype))
+    torch.testing.assert_close(a[1].double(), exp[1].double(), **gtol)
+    torch.testing.assert_close(a[2], exp[2], **_tol(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompilation_for_new_sizes_or_temperature(compiled, monkeypatch):
+    import triton
+    compiles = []
+    v = 1024
+    z, tok, m, _ = _inputs(torch.bfloat16, device="cuda", s=4, t=64, v=v)
+    keep = _keep(tok, m)
+    tk.logprobs_fwd(z, tok, keep, 1.0, False)  # warm
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda *a, **k: compiles.append(1))
+    for s, t, tau in ((3, 50, 0.7), (1, 7, 1.3), (5, 129, 0.9)):
+        z, tok, m, _ = _inputs(torch.bfloat16, device="cuda", s=s, t=t, v=v)
+        lp, _, _ = tk.logprobs_fwd(z, tok, _keep(tok, m), tau, False)
+        torch.testing.assert_close(lp, _ref_logprobs(z, tok, _keep(tok, m), tau, entropy=False), rtol=1e-5, atol=1e-5)
+    assert compiles == []
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph(compiled):
+    z, tok, m, r = _inputs(torch.bfloat16, device="cuda", s=8, t=33, v=5000)
+    old = -torch.rand(8, 33, device="cuda")
+
+    def step(zz, rr):
+        loss, met = gk.grpo_loss(zz, tok, rr, m, group_size=4, loss_type="grpo", old_logprobs=old,
+                                 temperature=0.7, return_metrics=True, backend="triton")
+        return loss, met["entropy"]
+
+    compiled_step = torch.compile(step, fullgraph=True)
+    zz = z.clone().requires_grad_(True)
+    rr = r.clone().requires_grad_(True)
+    loss, ent = compiled_step(zz, rr)
+    loss.backward()
+    z2 = z.clone().requires_grad_(True)
+    r2 = r.clone().requires_grad_(True)
+    loss2, ent2 = step(z2, r2)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, ent2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zz.grad.double(), z2.grad.double(), **_gtol(torch.bfloat16))
+    torch.testing.assert_close(rr.grad, r2.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck(compiled):
+    z, tok, m, _ = _inputs(torch.bfloat16, device="cuda", s=4, t=9, v=3000)
+    keep = _keep(tok, m)
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd.default,
+                          (z.requires_grad_(True), tok, keep, 0.9, True, "triton"))
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd_grad.default,
+                          (z.detach(), tok, keep, torch.randn(4, 9, device="cuda"), 0.9, False, "triton"))
+
+
+@pytest.mark.gpu
+def test_gpu_backend_auto_picks_triton(compiled, monkeypatch):
+    monkeypatch.delenv("GRPO_KERNELS_BACKEND", raising=False)
+    assert backends.resolve_backend("auto", "cuda") == "triton"
