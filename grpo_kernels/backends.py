@@ -79,6 +79,14 @@ def available_backends(device) -> List[str]:
 
 
 def resolve_backend(backend: str, device) -> str:
+    """See :func:`_resolve_backend`; under ``torch.compile`` the answer is a trace-time constant (it depends
+    only on the arguments and on what is installed), so tracing never enters the import machinery."""
+    if hasattr(device, "type"):
+        device = str(device.type)
+    return _resolve_backend(backend, str(device))
+
+
+def _resolve_backend(backend: str, device) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend for ``device``, or raise ValueError.
 
     ``GRPO_KERNELS_BACKEND`` in the environment overrides ``"auto"`` (handy to force a path in tests).
@@ -101,3 +109,10 @@ def resolve_backend(backend: str, device) -> str:
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {reason}. "
                          f"Available here: {avail}")
     return backend
+
+
+
+# Under torch.compile the resolved backend is a trace-time constant. This is exactly what
+# ``torch.compiler.assume_constant_result`` does (it sets this attribute); setting it directly avoids importing
+# torch._dynamo (seconds, and triton) when grpo_kernels is imported.
+_resolve_backend._dynamo_marked_constant = True
