@@ -11,6 +11,10 @@
 #include <string>
 #include <tuple>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "grpo_kernels.h"
 #include "op_checks.h"
 
@@ -104,6 +108,24 @@ Prepared prepare(const Tensor& logits, const Tensor& tokens, const Tensor& mask,
   return r;
 }
 
+// A new contiguous gradient buffer. Fresh multi-megabyte CPU allocations are untouched mmap pages: the first
+// write faults every 4 KiB page in, which costs more than the kernel itself. Asking for transparent huge pages
+// on the (2 MiB-aligned interior of the) fresh buffer cuts the faults 512-fold. Only a hint: no effect where THP
+// is off, and nothing changes in the values.
+Tensor new_grad_tensor(const Tensor& logits) {
+  Tensor out = at::empty(logits.sizes(), logits.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = out.numel() * out.element_size();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t p0 = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (p0 + kHuge - 1) & ~(kHuge - 1), hi = (p0 + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 Tensor new_row_tensor(const Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(acc_type(logits.scalar_type())));
 }
@@ -146,7 +168,7 @@ Tensor logprobs_bwd_cpu(const Tensor& grad_logp, const std::optional<Tensor>& gr
                         const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
                         double temperature) {
   check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  Tensor out = at::empty(logits.sizes(), logits.options());
+  Tensor out = new_grad_tensor(logits);
   bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out);
   return out;
 }
@@ -181,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_fwd_grad_cpu(const Tensor& l
                                                                  const Tensor& mask, const Tensor& coef,
                                                                  double temperature, bool with_entropy) {
   check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  Tensor out = at::empty(logits.sizes(), logits.options());
+  Tensor out = new_grad_tensor(logits);
   auto [logp, lse, ent] = fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out);
   return {logp, lse, ent, out};
 }

@@ -62,7 +62,19 @@ def _prebuilt(name: str) -> Optional[str]:
         spec = importlib.util.find_spec(f"grpo_kernels.{name}")
     except (ImportError, ValueError):
         return None
-    return spec.origin if spec is not None and spec.origin else None
+    if spec is None or not spec.origin:
+        return None
+    # An editable install whose csrc/ was edited after the build: the prebuilt library is stale, rebuild (JIT).
+    try:
+        built = os.path.getmtime(spec.origin)
+        newest = max(os.path.getmtime(os.path.join(_CSRC, f)) for f in os.listdir(_CSRC))
+    except (OSError, ValueError):
+        return spec.origin
+    if newest > built:
+        print(f"grpo_kernels: {spec.origin} is older than the sources in {_CSRC}; using a fresh JIT build instead",
+              file=sys.stderr)
+        return None
+    return spec.origin
 
 
 def _check_sources(names) -> list:
@@ -100,8 +112,8 @@ def _jit(name: str, sources, cuda: bool) -> None:
     from torch.utils import cpp_extension
 
     _check_compiler(cuda)
-    print(f"grpo_kernels: compiling the {'CUDA' if cuda else 'CPU'} extension {name} from {_CSRC} "
-          "(first use only; cached in torch's extension directory)...", file=sys.stderr, flush=True)
+    print(f"grpo_kernels: building (or loading the cached build of) the {'CUDA' if cuda else 'CPU'} extension "
+          f"{name} from {_CSRC}; the first build takes a minute or two...", file=sys.stderr, flush=True)
     kw = dict(name=name, sources=list(sources), extra_cflags=_cxx_flags(), extra_ldflags=_ld_flags(),
               extra_include_paths=[_CSRC], is_python_module=False, verbose=False)
     if cuda:
