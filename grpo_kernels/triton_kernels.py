@@ -22,9 +22,10 @@ Design (DESIGN.md §5-6):
   chosen from V and the dtype.
 * Deterministic: every row is reduced by one program in a fixed order; there are no atomics.
 * Memory traffic: the forward reads each unmasked row once. The backward reads it once and writes the
-  gradient once. The one-pass kernel (:func:`logprobs_fwd_grad`) reads the row, then rereads it (the row
-  was just touched, so on a GPU this second read is mostly served by L2) and writes the gradient: at most two
-  reads and one write per training step, instead of three reads and one write for forward + backward.
+  gradient once. The one-pass kernel (:func:`logprobs_fwd_grad`) reads the row, then rereads it and writes
+  the gradient: at most two reads and one write per training step, instead of three reads and one write for
+  forward + backward. The reread is served by L2 to the extent that the rows in flight fit in it; it walks
+  the row backwards, so the chunks read last (still cached) are reread first.
 * In-place gradient (``out=`` the logits themselves): each program touches only its own row, and every
   element of the row is loaded before the same element is stored, so overwriting is safe.
 
@@ -32,11 +33,16 @@ Triton's ``@triton.jit`` decides at *decoration* time whether a kernel is compil
 ``TRITON_INTERPRET`` when the decorator runs, triton 3.x ``runtime/jit.py``). The kernels are therefore
 plain functions here and are wrapped by :func:`_kernels`, a cache keyed by the interpreter flag in force
 at launch, so setting ``TRITON_INTERPRET=1`` after importing this module (as the tests' fixture does) works.
+For the same reason the kernel bodies avoid triton's *jitted* standard-library helpers (``tl.max``, ``tl.sum``,
+``tl.zeros``: decorated when triton itself was imported, so they cannot run in the interpreter if the flag was
+set later) and use builtins instead: ``tl.reduce`` with triton's own combine functions (which the interpreter
+recognises and runs with numpy) and ``tl.full``. Under the interpreter, fp32 -> bf16 stores are rounded to
+nearest even by hand (``RNE_BF16``), because Triton 3.9's interpreter truncates that cast while compiled
+kernels round.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -188,10 +194,13 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
         tl.store(ent_ptr + row, lse - w / l)
     else:
         tl.store(ent_ptr + row, 0.0)
-    # Pass 2: reread the (cache-hot) row and write coef * (1[v=y] - p_v) / tau.
+    # Pass 2: reread the (cache-hot) row and write coef * (1[v=y] - p_v) / tau. Chunks are visited last to
+    # first: the most recently read ones are the likeliest to still be in L2 (a forward sweep over a row
+    # larger than the cache share of this program would evict each chunk just before it is needed).
     c = tl.load(coef_ptr + row) * scale
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
+    n_chunks = (V + BLOCK_V - 1) // BLOCK_V
+    for i in range(0, n_chunks):
+        cols = (n_chunks - 1 - i) * BLOCK_V + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
         p = tl.exp(z - lse)
         grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
@@ -313,7 +322,7 @@ def is_available(device) -> Tuple[bool, str]:
             return False, "torch reports no usable CUDA device"
         return True, f"triton {triton.__version__} on CUDA"
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if _interpreting():
             return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1; slow, for tests)"
         return False, ("Triton kernels run on CUDA tensors; on CPU tensors only under the Triton interpreter "
                        "(set TRITON_INTERPRET=1, slow, meant for tests)")
