@@ -4,7 +4,7 @@
 // (at::parallel_for) and all tensor checks live in cpu_ops.cpp.
 //
 // Per row r = s*T + t (logits row z = logits[s, t, :], vocabulary stride 1, y = tokens[s, t], it = 1/tau):
-//   fwd:      m = max z;  sum = sum_v exp((z_v - m) it);  lse = m it + log(sum);  logp = z_y it - lse;
+//   fwd:      m = max z;  sum = sum_v exp((z_v - m) it);  lse = m it + log(sum);  logp = (z_y - m) it - log(sum);
 //             H = log(sum) - sum_v e_v (z_v - m) it / sum  (= lse - sum_v p_v z_v it; -inf logits give 0)
 //   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, and the target entry recomputed in full precision
 //             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it
@@ -20,6 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -90,6 +91,15 @@ inline A hsum(const Vectorized<A>& v) {  // fixed-order horizontal sum
   return r;
 }
 
+// s + x with the rounding error carried in c (Kahan); the true sum is s - c.
+template <typename A>
+inline void kahan_add(Vectorized<A>& s, Vectorized<A>& c, const Vectorized<A>& x) {
+  const Vectorized<A> y = x - c;
+  const Vectorized<A> t = s + y;
+  c = (t - s) - y;
+  s = t;
+}
+
 template <typename A>
 inline A hmax(const Vectorized<A>& v) {
   alignas(64) A buf[Vectorized<A>::size()];
@@ -133,28 +143,37 @@ struct Rows {
 
   // sum_v e_v and (ENT) sum_v e_v t_v with t_v = (z_v - m) it, e_v = exp(t_v); (STORE) e_v -> e_out[v].
   // e_out may alias z (same element type): each chunk is loaded before it is overwritten.
+  // Accurate summation: compensated (Kahan) vector partial sums over blocks of kBlock elements, each block's
+  // total added to a double. The lane that holds p_y ≈ 1 would otherwise swallow the small terms of the other
+  // classes (1 - p_y is what the gradient of a confident token is made of), and the error would grow with V.
+  static constexpr int64_t kBlock = 64 * W;
   template <bool ENT, bool STORE>
-  static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, A& sum_out, A& h_out) {
+  static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, double& sum_out, double& h_out) {
     const VA vm(m), vit(it), vlow(std::numeric_limits<A>::lowest());
-    VA vs(0), vh(0);
+    double s = 0, h = 0;
     int64_t i = 0;
-    for (; i + W <= V; i += W) {
-      VA x[N];
-      Io<T>::load(z + i, x);
-      for (int k = 0; k < N; ++k) {
-        const VA t = (x[k] - vm) * vit;
-        const VA e = vexp(t);
-        vs = vs + e;
-        if (ENT) vh = vh + e * at::vec::maximum(t, vlow);  // -inf logit: e = 0, avoid 0 * -inf
-        if (STORE) e.store(e_out + i + k * L);
+    while (i + W <= V) {
+      const int64_t stop = std::min(V - V % W, i + kBlock);
+      VA vs(0), cs(0), vh(0), ch(0);
+      for (; i < stop; i += W) {
+        VA x[N];
+        Io<T>::load(z + i, x);
+        for (int k = 0; k < N; ++k) {
+          const VA t = (x[k] - vm) * vit;
+          const VA e = vexp(t);
+          kahan_add(vs, cs, e);
+          if (ENT) kahan_add(vh, ch, e * at::vec::maximum(t, vlow));  // -inf logit: e = 0, avoid 0 * -inf
+          if (STORE) e.store(e_out + i + k * L);
+        }
       }
+      s += static_cast<double>(hsum(vs)) - static_cast<double>(hsum(cs));
+      if (ENT) h += static_cast<double>(hsum(vh)) - static_cast<double>(hsum(ch));
     }
-    A s = hsum(vs), h = ENT ? hsum(vh) : A(0);
     for (; i < V; ++i) {
       const A t = (static_cast<A>(z[i]) - m) * it;
       const A e = std::exp(t);
       s += e;
-      if (ENT) h += e * smax(t, std::numeric_limits<A>::lowest());
+      if (ENT) h += static_cast<double>(e * smax(t, std::numeric_limits<A>::lowest()));
       if (STORE) e_out[i] = e;
     }
     sum_out = s;
@@ -178,15 +197,15 @@ struct Rows {
       const T* z = zrow(p, r);
       const A zy = static_cast<A>(z[p.tokens[r]]);
       const A m = row_max(z, V);
-      A s, h;
+      double s, h;
       if (p.with_entropy)
         exp_pass<true, false>(z, V, m, it, nullptr, s, h);
       else
         exp_pass<false, false>(z, V, m, it, nullptr, s, h);
-      const A ls = std::log(s);
+      const A ls = static_cast<A>(std::log(s));
       lse[r] = m * it + ls;
-      logp[r] = zy * it - lse[r];
-      ent[r] = p.with_entropy ? ls - h / s : A(0);
+      logp[r] = (zy - m) * it - ls;  // no cancellation when the target is the max (p_y ≈ 1)
+      ent[r] = p.with_entropy ? static_cast<A>(std::log(s) - h / s) : A(0);
     }
   }
 
@@ -267,26 +286,27 @@ struct Rows {
       const A zy = static_cast<A>(z[y]);
       const A m = row_max(z, V);
       A* e = kScratch ? scratch.get() : reinterpret_cast<A*>(g);
-      A s, h;
+      double s, h;
       if (p.with_entropy)
         exp_pass<true, true>(z, V, m, it, e, s, h);
       else
         exp_pass<false, true>(z, V, m, it, e, s, h);
-      const A ls = std::log(s);
+      const A ls = static_cast<A>(std::log(s));
       const A lz = m * it + ls;
-      const A lp = zy * it - lz;
+      const A lp = (zy - m) * it - ls;
       lse[r] = lz;
       logp[r] = lp;
-      ent[r] = p.with_entropy ? ls - h / s : A(0);
+      ent[r] = p.with_entropy ? static_cast<A>(std::log(s) - h / s) : A(0);
       const A cf = coef[r];
-      const VA k(-cf * it / s);
+      const A scale = static_cast<A>(-cf * it / s);
+      const VA k(scale);
       int64_t i = 0;
       for (; i + W <= V; i += W) {
         VA x[N];
         for (int q = 0; q < N; ++q) x[q] = VA::loadu(e + i + q * L) * k;
         Io<T>::store(g + i, x);
       }
-      for (; i < V; ++i) g[i] = static_cast<T>(e[i] * (-cf * it / s));
+      for (; i < V; ++i) g[i] = static_cast<T>(e[i] * scale);
       g[y] = static_cast<T>(cf * (A(1) - std::exp(lp)) * it);
     }
   }

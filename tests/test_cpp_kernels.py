@@ -1,0 +1,551 @@
+"""The C++ kernels of ``csrc/`` (backends ``"cpu"`` and ``"cuda"``, module ``grpo_kernels.cpp_ext``).
+
+Everything is checked against the eager reference (``grpo_kernels.reference``) and autograd, on small ragged
+shapes (S=6, G=3, T=5, V=67: V is not a multiple of any vector width, so every row has a scalar tail) that
+include a fully masked sequence, a ``-100`` token and rows with ``-inf`` logits. Tests run on CPU tensors
+(the ``cpu`` backend, always) and on CUDA tensors (the ``cuda`` backend, marked ``gpu``).
+
+The extension is built on first use (JIT, cached) when the package was installed without it; that first build
+takes a minute or two on a small machine.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import backends
+from grpo_kernels import reference as ref
+
+cx = pytest.importorskip("grpo_kernels.cpp_ext")
+
+S, T, V, G = 6, 5, 67, 3
+LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _backend(device):
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def _ops():
+    cx.ensure_loaded("cpu")
+    return torch.ops.grpo_kernels_C
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(dtype=torch.float32, device="cpu", s=S, t=T, v=V):
+    """Logits with ``-inf`` entries in two rows, tokens with a ``-100``, a mask with a fully masked sequence
+    and a ragged tail, and rewards."""
+    z = torch.randn(s, t, v, dtype=torch.float64) * 2
+    tok = torch.randint(0, v, (s, t))
+    m = torch.ones(s, t)
+    z[0, 0, : v // 3] = float("-inf")
+    tok[0, 0] = v - 1
+    z[1, 2, 1::2] = float("-inf")
+    tok[1, 2] = 0
+    tok[0, 1] = -100
+    m[2] = 0  # a fully masked sequence
+    m[3, t // 2 + 1:] = 0
+    r = torch.randn(s, dtype=_acc(dtype))
+    return z.to(dtype).to(device), tok.to(device), m.to(device), r.to(device)
+
+
+def _keep(tok, m):
+    return ((tok != -100) & (m != 0)).contiguous()
+
+
+def _ref(z, tok, keep, temperature):
+    """Reference (logp, entropy) with masked positions 0 (differentiable w.r.t. ``z``)."""
+    return ref.token_logprobs(z, torch.where(keep, tok, torch.full_like(tok, -100)), temperature,
+                              return_entropy=True)
+
+
+def _tol(dtype):
+    # fp32/bf16 rows accumulate in fp32 (the reference too); fp64 in fp64
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=3e-6)
+
+
+def _gtol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-11, atol=1e-13)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=1.6e-2, atol=1e-6)  # one bf16 rounding of the gradient either side
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Availability and loading
+# --------------------------------------------------------------------------------------------------------------
+def test_cpu_ops_are_available_and_report_their_simd_variant():
+    ok, reason = cx.is_available(torch.device("cpu"))
+    assert ok, reason
+    assert _ops().cpu_isa() in reason and _ops().cpu_isa() in ("DEFAULT", "AVX2", "AVX512")
+    assert backends.resolve_backend("auto", "cpu") == "cpu" or os.environ.get("GRPO_KERNELS_BACKEND")
+    assert cx.FWD_GRAD is True and "out" in cx.BWD_SUPPORTS
+
+
+def test_other_devices_are_refused_with_a_reason():
+    ok, reason = cx.is_available(torch.device("meta"))
+    assert not ok and "meta" in reason
+    if not torch.cuda.is_available():
+        ok, reason = cx.is_available(torch.device("cuda"))
+        assert not ok and "CUDA" in reason
+
+
+def test_importing_the_package_does_not_load_the_extension():
+    code = ("import sys, torch, grpo_kernels; "
+            "assert 'grpo_kernels.cpp_ext' not in sys.modules; "
+            "assert not hasattr(torch.ops.grpo_kernels_C, 'logprobs_fwd') or "
+            "'grpo_kernels_C' not in str(torch.ops.loaded_libraries)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ops themselves against the reference
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fwd_matches_reference(device, dtype, temperature):
+    z, tok, m, _ = _inputs(dtype, device)
+    keep = _keep(tok, m)
+    logp, lse, ent = cx.logprobs_fwd(z, tok.clamp(min=0), keep, temperature, True)
+    rl, rh = _ref(z, tok, keep, temperature)
+    assert logp.dtype == _acc(dtype) and logp.shape == (S, T)
+    torch.testing.assert_close(logp, rl.to(logp.dtype), **_tol(dtype))
+    torch.testing.assert_close(ent, rh.to(ent.dtype), **_tol(dtype))
+    rlse = torch.logsumexp(z.to(_acc(dtype)) / temperature, -1)
+    torch.testing.assert_close(lse[keep], rlse[keep], **_tol(dtype))
+    assert (logp[~keep] == 0).all() and (lse[~keep] == 0).all() and (ent[~keep] == 0).all()
+    # without entropy: same log-probs, zero entropy
+    logp2, _, ent2 = cx.logprobs_fwd(z, tok.clamp(min=0), keep, temperature, False)
+    torch.testing.assert_close(logp2, logp, rtol=0, atol=0)
+    assert (ent2 == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+@pytest.mark.parametrize("where", ["new", "out", "logits"])
+def test_bwd_matches_autograd(device, dtype, temperature, with_entropy_grad, where):
+    z, tok, m, _ = _inputs(dtype, device)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    logp, lse, ent = cx.logprobs_fwd(z, tk, keep, temperature, True)
+    gl = torch.randn(S, T, dtype=_acc(dtype), device=device)
+    gh = torch.randn(S, T, dtype=_acc(dtype), device=device) if with_entropy_grad else None
+    zr = z.detach().to(torch.float64).requires_grad_()
+    rl, rh = _ref(zr, tok, keep, temperature)
+    obj = (rl * gl.double()).sum() + ((rh * gh.double()).sum() if gh is not None else 0)
+    (want,) = torch.autograd.grad(obj, zr)
+    if where == "new":
+        g = cx.logprobs_bwd(gl, gh, z, tk, keep, lse, ent, temperature)
+    elif where == "out":
+        out = torch.full_like(z, float("nan"))
+        g = cx.logprobs_bwd(gl, gh, z, tk, keep, lse, ent, temperature, out=out)
+        assert g is out
+    else:
+        zc = z.clone()
+        g = cx.logprobs_bwd(gl, gh, zc, tk, keep, lse, ent, temperature, out=zc)
+        assert g is zc
+    assert g.dtype == dtype and g.shape == z.shape
+    torch.testing.assert_close(g.double(), want, **_gtol(dtype))
+    assert (g[~keep] == 0).all()
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("where", ["new", "out", "logits"])
+def test_fwd_grad_matches_autograd(device, dtype, temperature, where):
+    z, tok, m, _ = _inputs(dtype, device)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.randn(S, T, dtype=_acc(dtype), device=device)
+    zr = z.detach().to(torch.float64).requires_grad_()
+    rl, rh = _ref(zr, tok, keep, temperature)
+    (want,) = torch.autograd.grad((coef.double() * rl).sum(), zr)
+    if where == "new":
+        logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, True)
+    elif where == "out":
+        out = torch.full_like(z, float("nan"))
+        logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, True, out=out)
+        assert g is out
+    else:
+        zc = z.clone()
+        logp, lse, ent, g = cx.logprobs_fwd_grad(zc, tk, keep, coef, temperature, True, out=zc)
+        assert g is zc
+    assert g.dtype == dtype and g.shape == z.shape and g.is_contiguous()
+    torch.testing.assert_close(g.double(), want, **_gtol(dtype))
+    assert (g[~keep] == 0).all()
+    torch.testing.assert_close(logp, rl.detach().to(logp.dtype), **_tol(dtype))
+    torch.testing.assert_close(ent, rh.detach().to(ent.dtype), **_tol(dtype))
+    # the same outputs as the two-pass ops
+    f_logp, f_lse, f_ent = cx.logprobs_fwd(z, tk, keep, temperature, True)
+    torch.testing.assert_close(lse, f_lse, rtol=0, atol=0)
+    torch.testing.assert_close(logp, f_logp, rtol=0, atol=0)
+
+
+def test_strided_logits_and_out(device):
+    """Logits whose S/T strides are arbitrary (a transposed view and a slice); the gradient written into the
+    logits' own (strided) storage."""
+    base = torch.randn(T, S, V + 5, dtype=torch.float32, device=device)
+    z = base.transpose(0, 1)[:, :, 2:V + 2]  # (S, T, V), stride(-1) == 1, non-contiguous
+    assert not z.is_contiguous() and z.stride(-1) == 1
+    tok = torch.randint(0, V, (S, T), device=device)
+    keep = torch.rand(S, T, device=device) > 0.2
+    coef = torch.randn(S, T, device=device)
+    logp, lse, ent, g = cx.logprobs_fwd_grad(z, tok, keep, coef, 1.3, True)
+    zr = z.detach().double().requires_grad_()
+    rl, rh = _ref(zr, tok, keep, 1.3)
+    (want,) = torch.autograd.grad((coef.double() * rl).sum(), zr)
+    torch.testing.assert_close(logp, rl.detach().float(), **_tol(torch.float32))
+    torch.testing.assert_close(g.double(), want, **_gtol(torch.float32))
+    zc = base.clone().transpose(0, 1)[:, :, 2:V + 2]
+    before = zc.detach().clone()
+    cx.logprobs_fwd_grad(zc, tok, keep, coef, 1.3, True, out=zc)
+    torch.testing.assert_close(zc, g, rtol=0, atol=0)
+    zc.copy_(before)
+    cx.logprobs_bwd(coef, None, zc, tok, keep, lse, ent, 1.3, out=zc)
+    torch.testing.assert_close(zc.double(), want, **_gtol(torch.float32))
+
+
+def test_masked_rows_are_never_read(device):
+    z, tok, m, _ = _inputs(torch.float32, device)
+    keep = _keep(tok, m)
+    z[~keep] = float("nan")  # a masked row is never read: NaN there must not leak anywhere
+    tk = tok.clamp(min=0)
+    coef = torch.randn(S, T, device=device)
+    logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, 1.0, True)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(g).all()
+    assert (g[~keep] == 0).all() and not torch.signbit(g[~keep]).any()  # exactly +0
+    g2 = cx.logprobs_bwd(coef, coef, z, tk, keep, lse, ent, 1.0)
+    assert torch.isfinite(g2).all() and (g2[~keep] == 0).all()
+
+
+def test_minus_inf_logits(device):
+    z, tok, m, _ = _inputs(torch.float32, device)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.ones(S, T, device=device)
+    logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, 0.5, True)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(g).all()
+    assert (g[0, 0, : V // 3] == 0).all() and (g[1, 2, 1::2] == 0).all()
+    g2 = cx.logprobs_bwd(coef, coef, z, tk, keep, lse, ent, 0.5)
+    assert torch.isfinite(g2).all() and (g2[1, 2, 1::2] == 0).all()
+
+
+def test_large_vocabulary_rows(device):
+    v = 262_144
+    for dtype in (torch.float32, torch.bfloat16):
+        z = (torch.randn(1, 2, v, device=device) * 4).to(dtype)
+        tok = torch.tensor([[5, v - 1]], device=device)
+        keep = torch.ones(1, 2, dtype=torch.bool, device=device)
+        coef = torch.tensor([[0.5, -2.0]], device=device)
+        logp, _, ent, g = cx.logprobs_fwd_grad(z, tok, keep, coef, 0.9, True)
+        zr = z.detach().double().requires_grad_()
+        rl, rh = _ref(zr, tok, keep, 0.9)
+        (want,) = torch.autograd.grad((coef.double() * rl).sum(), zr)
+        torch.testing.assert_close(logp.double(), rl.detach(), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(ent.double(), rh.detach(), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(g.double(), want, **_gtol(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public loss through the C++ backend
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("extras", ["none", "old+ref"])
+def test_grpo_loss_parity(device, loss_type, dtype, temperature, extras):
+    z, tok, m, r = _inputs(dtype, device)
+    kw = dict(group_size=G, loss_type=loss_type, temperature=temperature)
+    if extras == "old+ref":
+        kw["old_logprobs"] = torch.randn(S, T, device=device) * 0.1 - 2
+        kw["ref_logprobs"] = torch.randn(S, T, device=device) * 0.1 - 2
+        kw["kl_coef"] = 0.05
+    zk = z.detach().clone().requires_grad_()
+    rk = r.detach().clone().requires_grad_()
+    zt = z.detach().clone().requires_grad_()
+    rt = r.detach().clone().requires_grad_()
+    lk = gk.grpo_loss(zk, tok, rk, m, backend=_backend(device), **kw)
+    lt = gk.grpo_loss(zt, tok, rt, m, backend="torch", **kw)
+    lk.backward()
+    lt.backward()
+    assert lk.dtype == lt.dtype
+    torch.testing.assert_close(lk, lt, **_tol(dtype))
+    torch.testing.assert_close(zk.grad.double(), zt.grad.double(), **_gtol(dtype))
+    torch.testing.assert_close(rk.grad, rt.grad, **_tol(dtype))
+    assert (zk.grad[~_keep(tok, m)] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "grpo", "dapo"])
+def test_grpo_loss_gspo_metrics_and_rewards_gradient(device, loss_type):
+    z, tok, m, r = _inputs(torch.float32, device)
+    kw = dict(group_size=G, loss_type=loss_type, temperature=0.8, return_metrics=True,
+              ref_logprobs=torch.randn(S, T, device=device) * 0.1 - 3, kl_coef=0.1)
+    if loss_type != "softmax":
+        kw.update(importance_sampling_level="sequence", old_logprobs=torch.randn(S, T, device=device) * 0.1 - 3,
+                  epsilon_high=0.28, delta=1.5)
+    res = {}
+    for b in (_backend(device), "torch"):
+        zz = z.detach().clone().requires_grad_()
+        rr = r.detach().clone().requires_grad_()
+        loss, metrics = gk.grpo_loss(zz, tok, rr, m, backend=b, **kw)
+        loss.backward()
+        res[b] = (loss, metrics, zz.grad, rr.grad)
+    (lk, mk, gzk, grk), (lt, mt, gzt, grt) = res[_backend(device)], res["torch"]
+    torch.testing.assert_close(lk, lt, rtol=1e-5, atol=1e-6)
+    assert mk.keys() == mt.keys() and "entropy" in mk
+    for k in mt:
+        torch.testing.assert_close(mk[k], mt[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gzk, gzt, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grk, grt, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "grpo"])
+def test_fp64_gradcheck(device, loss_type):
+    s, t, v = 4, 3, 11
+    z = torch.randn(s, t, v, dtype=torch.float64, device=device, requires_grad=True)
+    tok = torch.randint(0, v, (s, t), device=device)
+    tok[1, 1] = -100
+    m = torch.ones(s, t, dtype=torch.float64, device=device)
+    m[2, 2] = 0
+    r = torch.randn(s, dtype=torch.float64, device=device, requires_grad=True)
+    old = torch.randn(s, t, dtype=torch.float64, device=device) * 0.05 - 2.4
+
+    def f(z, r):
+        return gk.grpo_loss(z, tok, r, m, group_size=2, loss_type=loss_type, temperature=0.9,
+                            old_logprobs=old if loss_type == "grpo" else None, backend=_backend(device))
+
+    assert torch.autograd.gradcheck(f, (z, r))
+
+
+def _bf16_error_case(device):
+    """bf16 logits incl. rows where the target has p ≈ 1 (where a bf16 ``p_y - 1`` would be lost)."""
+    s, t, v = 4, 8, 1000
+    z64 = torch.randn(s, t, v, dtype=torch.float64) * 2
+    tok = torch.randint(0, v, (s, t))
+    z64[0] *= 0.25
+    z64[0, torch.arange(t), tok[0]] += 17  # 1 - p_y ≈ 5e-5: p_y rounded to bf16 would be exactly 1
+    z = z64.to(torch.bfloat16).to(device)
+    return z, tok.to(device), torch.ones(s, t, device=device), torch.randn(s, device=device)
+
+
+def test_bf16_error_vs_fp64_truth_is_at_most_twice_eager(device):
+    z, tok, m, r = _bf16_error_case(device)
+    coefs = {}
+    for name in ("truth", "eager", "kernel"):
+        logits = z.double() if name == "truth" else z
+        zz = logits.detach().clone().requires_grad_()
+        loss = gk.grpo_loss(zz, tok, r, m, group_size=2, backend=_backend(device) if name == "kernel" else "torch")
+        loss.backward()
+        coefs[name] = (loss.double(), zz.grad.double())
+    lt, gt = coefs["truth"]
+    # the loss is an fp32 number (|loss| ~ 50 here): both paths end in the same fp32 reduction of the log-probs,
+    # so a few fp32 ulps of the loss itself are allowed on top of 2x eager's error
+    slack = (4 * torch.finfo(torch.float32).eps * lt.abs().item(), 1e-12)
+    for i in (0, 1):
+        err_eager = (coefs["eager"][i] - coefs["truth"][i]).abs().max()
+        err_kernel = (coefs["kernel"][i] - coefs["truth"][i]).abs().max()
+        assert err_kernel <= 2 * err_eager + slack[i], (i, err_kernel.item(), err_eager.item())
+    # per-token log-probs: at most 2x eager's error, no slack
+    keep = torch.ones(tok.shape, dtype=torch.bool, device=device)
+    lp_truth = ref.token_logprobs(z.double(), tok)
+    err_eager = (ref.token_logprobs(z, tok).double() - lp_truth).abs().max()
+    err_kernel = (cx.logprobs_fwd(z, tok, keep, 1.0, False)[0].double() - lp_truth).abs().max()
+    assert err_kernel <= 2 * err_eager, (err_kernel.item(), err_eager.item())
+    # the target entries with p_y ≈ 1 carry their tiny gradient (a bf16 p_y would round to 1 and give 0)
+    gk_rows = coefs["kernel"][1][0, torch.arange(8), tok[0]]
+    gt_rows = gt[0, torch.arange(8), tok[0]]
+    torch.testing.assert_close(gk_rows, gt_rows, rtol=2e-2, atol=0)
+
+
+def test_deterministic_and_independent_of_thread_count(device):
+    z, tok, m, _ = _inputs(torch.float32, device, s=8, t=16, v=3001)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.randn(8, 16, device=device)
+    a = cx.logprobs_fwd_grad(z, tk, keep, coef, 0.7, True)
+    b = cx.logprobs_fwd_grad(z, tk, keep, coef, 0.7, True)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = cx.logprobs_fwd_grad(z, tk, keep, coef, 0.7, True)
+    finally:
+        torch.set_num_threads(n)
+    for x, y, w in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, w)
+    f1 = cx.logprobs_fwd(z, tk, keep, 0.7, True)
+    f2 = cx.logprobs_fwd(z, tk, keep, 0.7, True)
+    g1 = cx.logprobs_bwd(coef, coef, z, tk, keep, f1[1], f1[2], 0.7)
+    g2 = cx.logprobs_bwd(coef, coef, z, tk, keep, f2[1], f2[2], 0.7)
+    assert all(torch.equal(x, y) for x, y in zip(f1, f2)) and torch.equal(g1, g2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input reaching the ops: clear errors, never a crash
+# --------------------------------------------------------------------------------------------------------------
+def _good(device):
+    z = torch.randn(2, 3, 7, device=device)
+    tok = torch.randint(0, 7, (2, 3), device=device)
+    keep = torch.ones(2, 3, dtype=torch.bool, device=device)
+    row = torch.zeros(2, 3, device=device)
+    return z, tok, keep, row
+
+
+BAD_FWD = [
+    ("int logits", lambda z, tok, keep: (z.long(), tok, keep, 1.0), TypeError, "logits must be float"),
+    ("2-D logits", lambda z, tok, keep: (z[0], tok, keep, 1.0), ValueError, "logits must have shape"),
+    ("strided vocab", lambda z, tok, keep: (z.transpose(1, 2).contiguous().transpose(1, 2), tok, keep, 1.0),
+     ValueError, "unit vocabulary stride"),
+    ("int32 tokens", lambda z, tok, keep: (z, tok.int(), keep, 1.0), TypeError, "tokens must be int64"),
+    ("tokens shape", lambda z, tok, keep: (z, tok[:1], keep, 1.0), ValueError, "tokens must have shape"),
+    ("float mask", lambda z, tok, keep: (z, tok, keep.float(), 1.0), TypeError, "mask must be bool"),
+    ("mask shape", lambda z, tok, keep: (z, tok, keep[:, :2], 1.0), ValueError, "mask must have shape"),
+    ("token id too large", lambda z, tok, keep: (z, tok.fill_(7), keep, 1.0), ValueError, r"ids in \[0, 7\)"),
+    ("negative token id", lambda z, tok, keep: (z, tok.fill_(-100), keep, 1.0), ValueError, "found -100"),
+    ("zero temperature", lambda z, tok, keep: (z, tok, keep, 0.0), ValueError, "temperature"),
+    ("nan temperature", lambda z, tok, keep: (z, tok, keep, float("nan")), ValueError, "temperature"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_FWD, ids=[c[0] for c in BAD_FWD])
+def test_bad_input_to_the_ops(device, case):
+    _, make, exc, match = case
+    z, tok, keep, row = _good(device)
+    args = make(z, tok, keep)
+    with pytest.raises(exc, match=match):
+        cx.logprobs_fwd(*args, True)
+    z2, tok2, keep2, temp = args
+    with pytest.raises(exc, match=match):
+        cx.logprobs_fwd_grad(z2, tok2, keep2, row, temp, False)
+    with pytest.raises(exc, match=match):
+        cx.logprobs_bwd(row, None, z2, tok2, keep2, row, row, temp)
+
+
+def test_bad_row_tensors_and_out(device):
+    z, tok, keep, row = _good(device)
+    with pytest.raises(TypeError, match="coef must be"):
+        cx.logprobs_fwd_grad(z, tok, keep, row.double(), 1.0, False)
+    with pytest.raises(ValueError, match="coef must have shape"):
+        cx.logprobs_fwd_grad(z, tok, keep, row[:1], 1.0, False)
+    with pytest.raises(TypeError, match="lse must be"):
+        cx.logprobs_bwd(row, None, z, tok, keep, row.half(), row, 1.0)
+    with pytest.raises(ValueError, match="grad_entropy must have shape"):
+        cx.logprobs_bwd(row, row[0], z, tok, keep, row, row, 1.0)
+    with pytest.raises(ValueError, match="out must have the logits' shape"):
+        cx.logprobs_fwd_grad(z, tok, keep, row, 1.0, False, out=torch.empty(2, 3, 8, device=device))
+    with pytest.raises(TypeError, match="out must have the logits' dtype"):
+        cx.logprobs_bwd(row, None, z, tok, keep, row, row, 1.0, out=torch.empty_like(z, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not another view"):
+        zz = torch.randn(2, 3, 14, device=device)
+        cx.logprobs_fwd_grad(zz[:, :, :7], tok, keep, row, 1.0, False, out=zz[:, :, 7:])
+    with pytest.raises(ValueError, match="must not overlap"):
+        cx.logprobs_fwd_grad(z, tok, keep, row, 1.0, False, out=torch.empty(1, 1, 7, device=device).expand(2, 3, 7))
+
+
+def test_cuda_tensors_on_the_cpu_op_are_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to make a CUDA tensor")
+    z, tok, keep, _ = _good("cpu")
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        _ops().logprobs_fwd(z, tok.cuda(), keep, 1.0, False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------------------
+def test_opcheck_grpo_kernels_C_ops(device):
+    ops = _ops()
+    z, tok, m, _ = _inputs(torch.float32, device, s=4, t=4, v=19)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.randn(4, 4, device=device)
+    logp, lse, ent = ops.logprobs_fwd(z, tk, keep, 0.9, True)
+    torch.library.opcheck(ops.logprobs_fwd, (z, tk, keep, 0.9, True))
+    torch.library.opcheck(ops.logprobs_bwd, (coef, coef, z, tk, keep, lse, ent, 0.9))
+    torch.library.opcheck(ops.logprobs_bwd, (coef, None, z, tk, keep, lse, ent, 0.9))
+    torch.library.opcheck(ops.logprobs_bwd_out, (coef, None, z, tk, keep, lse, ent, 0.9, torch.empty_like(z)))
+    torch.library.opcheck(ops.logprobs_fwd_grad, (z, tk, keep, coef, 0.9, True))
+    torch.library.opcheck(ops.logprobs_fwd_grad_out, (z, tk, keep, coef, 0.9, False, torch.empty_like(z)))
+
+
+def test_opcheck_public_custom_op_with_cpp_backend(device):
+    z, tok, m, _ = _inputs(torch.float32, device, s=4, t=4, v=19)
+    keep = _keep(tok, m)
+    z.requires_grad_()
+    torch.library.opcheck(torch.ops.grpo_kernels.logprobs_fwd,
+                          (z, tok.clamp(min=0), keep, 0.9, True, _backend(device)))
+
+
+def test_torch_compile_fullgraph(device):
+    ops = _ops()
+    z, tok, m, _ = _inputs(torch.float32, device, s=4, t=4, v=19)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.randn(4, 4, device=device)
+
+    def f(z, coef):
+        logp, lse, ent, g = ops.logprobs_fwd_grad(z, tk, keep, coef, 0.9, True)
+        return (logp * coef).sum() + ent.sum(), g * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for x, y in zip(compiled(z, coef), f(z, coef)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The portable and AVX2 variants (the process above runs the best one for this CPU)
+# --------------------------------------------------------------------------------------------------------------
+_VARIANT_SCRIPT = r"""
+import torch, grpo_kernels.cpp_ext as cx
+from grpo_kernels import reference as ref
+cx.ensure_loaded("cpu")
+print(torch.ops.grpo_kernels_C.cpu_isa())
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    z = (torch.randn(4, 3, 37, dtype=torch.float64) * 3).to(dtype)
+    z[0, 0, :5] = float("-inf")
+    tok = torch.randint(0, 37, (4, 3)); keep = torch.rand(4, 3) > 0.2
+    coef = torch.randn(4, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    logp, lse, ent, g = cx.logprobs_fwd_grad(z, tok, keep, coef, 0.8, True)
+    zr = z.double().requires_grad_()
+    rl, rh = ref.token_logprobs(zr, torch.where(keep, tok, -100), 0.8, return_entropy=True)
+    want, = torch.autograd.grad((coef.double() * rl).sum() + (coef.double() * rh).sum(), zr, retain_graph=True)
+    want_fg, = torch.autograd.grad((coef.double() * rl).sum(), zr)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(logp.double(), rl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), rh.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.double(), want_fg, **tol)
+    gb = cx.logprobs_bwd(coef, coef, z, tok, keep, lse, ent, 0.8)
+    torch.testing.assert_close(gb.double(), want, **tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_simd_variants_match_reference(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.split()
+    assert lines[-1] == "ok"
+    if capability == "default":
+        assert lines[0] == "DEFAULT"
+    else:
+        assert lines[0] in ("AVX2", "DEFAULT")  # DEFAULT on CPUs without AVX2
