@@ -43,6 +43,7 @@ kernels round.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -150,66 +151,69 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
 def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) accumulation dtype
                      logp_ptr, lse_ptr, ent_ptr,
                      out_ptr,  # (S,T,V) strided rows, logits dtype; may alias logits_ptr
-                     T, V, stride_s, stride_t, out_stride_s, out_stride_t,
+                     n_rows, T, V, stride_s, stride_t, out_stride_s, out_stride_t,
                      inv_tau: tl.float64,
                      WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    # Persistent: program p handles rows p, p + P, p + 2P, ... (P = the grid size), so exactly P rows are in
+    # flight at any time -- the launcher sizes P so that they fit in L2 and pass 2 rereads from the cache.
     acc_ty = logp_ptr.dtype.element_ty
     out_ty = out_ptr.dtype.element_ty
-    s = row // T
-    t = row - s * T
-    out_base = out_ptr + s * out_stride_s + t * out_stride_t
     offs = tl.arange(0, BLOCK_V)
-    if tl.load(mask_ptr + row) == 0:  # masked: exact zeros, no logits read
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        tl.store(ent_ptr + row, 0.0)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
-        return
-    base = logits_ptr + s * stride_s + t * stride_t
     scale = tl.full([], inv_tau, acc_ty)
-    # Pass 1: online max / sum-exp (and the entropy sum) over the row.
-    m = tl.full([], float("-inf"), acc_ty)
-    l = tl.full([], 0.0, acc_ty)
-    w = tl.full([], 0.0, acc_ty)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
-        m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
-        if WITH_ENTROPY:
-            w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
-        m = m_new
-    lse = m + tl.log(l)
-    y = tl.load(tokens_ptr + row)
-    zy = tl.load(base + y).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
-    tl.store(logp_ptr + row, zy - lse)
-    tl.store(lse_ptr + row, lse)
-    if WITH_ENTROPY:
-        tl.store(ent_ptr + row, lse - w / l)
-    else:
-        tl.store(ent_ptr + row, 0.0)
-    # Pass 2: reread the (cache-hot) row and write coef * (1[v=y] - p_v) / tau. Chunks are visited last to
-    # first: the most recently read ones are the likeliest to still be in L2 (a forward sweep over a row
-    # larger than the cache share of this program would evict each chunk just before it is needed).
-    c = tl.load(coef_ptr + row) * scale
     n_chunks = (V + BLOCK_V - 1) // BLOCK_V
-    for i in range(0, n_chunks):
-        cols = (n_chunks - 1 - i) * BLOCK_V + offs
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
-        p = tl.exp(z - lse)
-        grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
-        if RNE_BF16:
-            u = grad.to(tl.uint32, bitcast=True)
-            u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-            tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.full([], r, tl.int64)
+        s = row // T
+        t = row - s * T
+        out_base = out_ptr + s * out_stride_s + t * out_stride_t
+        if tl.load(mask_ptr + row) == 0:  # masked: exact zeros, no logits read
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            tl.store(ent_ptr + row, 0.0)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
         else:
-            tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+            base = logits_ptr + s * stride_s + t * stride_t
+            # Pass 1: online max / sum-exp (and the entropy sum) over the row.
+            m = tl.full([], float("-inf"), acc_ty)
+            l = tl.full([], 0.0, acc_ty)
+            w = tl.full([], 0.0, acc_ty)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+                m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+                alpha = tl.exp(m - m_ref)
+                e = tl.exp(z - m_ref)
+                l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
+                if WITH_ENTROPY:
+                    w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
+                m = m_new
+            lse = m + tl.log(l)
+            y = tl.load(tokens_ptr + row)
+            zy = tl.load(base + y).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
+            tl.store(logp_ptr + row, zy - lse)
+            tl.store(lse_ptr + row, lse)
+            if WITH_ENTROPY:
+                tl.store(ent_ptr + row, lse - w / l)
+            else:
+                tl.store(ent_ptr + row, 0.0)
+            # Pass 2: reread the row and write coef * (1[v=y] - p_v) / tau. Chunks are visited last to first:
+            # the most recently read ones are the likeliest to still be in L2 (a forward sweep over a row larger
+            # than this program's share of the cache would evict each chunk just before it is needed).
+            c = tl.load(coef_ptr + row) * scale
+            for i in range(0, n_chunks):
+                cols = (n_chunks - 1 - i) * BLOCK_V + offs
+                z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
+                p = tl.exp(z - lse)
+                grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
+                if RNE_BF16:
+                    u = grad.to(tl.uint32, bitcast=True)
+                    u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+                    tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
+                else:
+                    tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
 
 
 def _interpreting() -> bool:
@@ -228,7 +232,7 @@ def _kernels() -> tuple:
     if kernels is None:
         kernels = (triton.jit(_fwd_kernel, do_not_specialize=["T"]),
                    triton.jit(_bwd_kernel, do_not_specialize=["T"]),
-                   triton.jit(_fwd_grad_kernel, do_not_specialize=["T"]))
+                   triton.jit(_fwd_grad_kernel, do_not_specialize=["n_rows", "T"]))
         _KERNEL_SETS[interpret] = kernels
     return kernels
 
@@ -236,17 +240,55 @@ def _kernels() -> tuple:
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration and checks
 # ----------------------------------------------------------------------------------------------------------
-def _launch_config(V: int, dtype: torch.dtype, block_v: Optional[int]) -> Tuple[int, int]:
-    """``(BLOCK_V, num_warps)``: the whole row in one chunk when small, else 16 KiB..32 KiB per chunk."""
+def _launch_config(V: int, dtype: torch.dtype, block_v: Optional[int], num_warps: Optional[int] = None,
+                   one_pass: bool = False) -> Tuple[int, int]:
+    """``(BLOCK_V, num_warps)``: the whole row in one chunk when it is small, else 16 KiB chunks (32 KiB for
+    the one-pass kernel, which runs few, large programs: see :func:`_programs`), 16 values per thread.
+
+    Heuristics from the kernels' structure (memory-bound streaming, <= 64 registers per thread at 16 values
+    per thread, measured with ptxas for sm_90), not from timings on hardware; ``block_v`` and ``num_warps``
+    override them (benchmarks sweep them).
+    """
     if block_v is not None:
-        if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+        if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
             raise ValueError(f"block_v must be a power of two, got {block_v!r}")
         bv = block_v
     else:
-        cap = {torch.float64: 2048, torch.float32: 4096}.get(dtype, 8192)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        cap = (32768 if one_pass else 16384) // itemsize
         bv = min(triton.next_power_of_2(max(V, 16)), cap)
-    num_warps = 4 if bv <= 1024 else (8 if bv <= 4096 else 16)
+    if num_warps is None:
+        num_warps = max(1, min(32, bv // 512))  # 16 values per thread
+    elif isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8, 16 or 32, got {num_warps!r}")
     return bv, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _device_caps(index: int) -> Tuple[int, int]:
+    """``(streaming multiprocessors, L2 bytes)`` of CUDA device ``index`` (queried at the first launch)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, int(getattr(props, "L2_cache_size", 0) or 50 * 2 ** 20)
+
+
+def _programs(logits: Tensor, n_rows: int, block_v: int, programs: Optional[int]) -> int:
+    """Grid size of the persistent one-pass kernel, i.e. the number of rows in flight.
+
+    Pass 2 rereads a row right after pass 1 read it; the reread is served by L2 if the rows in flight (read
+    plus gradient written, ~2 row sizes each) fit in about half of it. So: as many programs as fit, at
+    least one per SM (fewer would idle SMs), at most 4 per SM. Rows that fit in one chunk are reread from
+    registers' worth of just-loaded lines anyway: one program per row then. ``programs`` overrides.
+    """
+    if programs is not None:
+        if isinstance(programs, bool) or not isinstance(programs, int) or programs < 1:
+            raise ValueError(f"programs must be a positive int, got {programs!r}")
+        return min(programs, n_rows)
+    V = logits.shape[-1]
+    if not logits.is_cuda or V <= block_v:
+        return n_rows
+    sms, l2 = _device_caps(logits.device.index if logits.device.index is not None else torch.cuda.current_device())
+    fit = (l2 // 2) // (2 * V * logits.element_size())
+    return min(n_rows, max(sms, min(fit, 4 * sms)))
 
 
 def _rne_bf16(dtype: torch.dtype) -> bool:
@@ -334,7 +376,7 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
                  mask: Tensor,  # (S, T) bool, False = not read, outputs 0
                  temperature: float,
                  with_entropy: bool,
-                 *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                 *, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy)``, each ``(S, T)`` contiguous fp32 (fp64 for fp64 logits).
 
     ``logp = z_y/τ − lse``, ``lse = logsumexp(z/τ)``, ``entropy = lse − Σ p z/τ`` (zeros unless
@@ -349,7 +391,7 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
     ent = torch.empty_like(logp)
     if S * T == 0:
         return logp, lse, ent
-    bv, nw = _launch_config(V, logits.dtype, block_v)
+    bv, nw = _launch_config(V, logits.dtype, block_v, num_warps)
     fwd, _, _ = _kernels()
     with _on_device(logits):
         fwd[(S * T,)](logits, tokens, mask_u8, logp, lse, ent, T, V, logits.stride(0), logits.stride(1), inv_tau,
@@ -366,7 +408,7 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
                  entropy: Tensor,  # (S, T) from logprobs_fwd (used only with grad_entropy)
                  temperature: float,
                  out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
-                 *, block_v: Optional[int] = None) -> Tensor:
+                 *, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
     """``grad_logits = (g·(1[v=y] − p) − g_H·p·(z/τ − (lse − H))) / τ`` in the logits' dtype.
 
     Written to a new contiguous ``(S, T, V)`` tensor, or into ``out`` (same shape/dtype, unit vocabulary
@@ -386,7 +428,7 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
     entropy = _row(entropy, "entropy", logits) if has_ge else lse
     if S * T == 0 or V == 0:
         return out
-    bv, nw = _launch_config(V, logits.dtype, block_v)
+    bv, nw = _launch_config(V, logits.dtype, block_v, num_warps)
     _, bwd, _ = _kernels()
     with _on_device(logits):
         bwd[(S * T,)](grad_logp, grad_entropy, logits, tokens, mask_u8, lse, entropy, out, T, V,
@@ -402,7 +444,8 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
                       temperature: float,
                       with_entropy: bool,
                       out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
-                      *, block_v: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      *, block_v: Optional[int] = None, num_warps: Optional[int] = None,
+                      programs: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass per row: ``(logp, lse, entropy, grad)`` with ``grad = coef·(1[v=y] − p)/τ``.
 
     ``logp, lse, entropy`` are as in :func:`logprobs_fwd`; ``grad`` is a new contiguous ``(S, T, V)`` tensor
@@ -422,11 +465,12 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     ent = torch.empty_like(logp)
     if S * T == 0:
         return logp, lse, ent, out
-    bv, nw = _launch_config(V, logits.dtype, block_v)
+    bv, nw = _launch_config(V, logits.dtype, block_v, num_warps, one_pass=True)
+    grid = (_programs(logits, S * T, bv, programs),)
     _, _, fwd_grad = _kernels()
     with _on_device(logits):
-        fwd_grad[(S * T,)](logits, tokens, mask_u8, coef, logp, lse, ent, out, T, V,
-                           logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
-                           WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, RNE_BF16=_rne_bf16(logits.dtype),
-                           num_warps=nw)
+        fwd_grad[grid](logits, tokens, mask_u8, coef, logp, lse, ent, out, S * T, T, V,
+                       logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), inv_tau,
+                       WITH_ENTROPY=bool(with_entropy), BLOCK_V=bv, RNE_BF16=_rne_bf16(logits.dtype),
+                       num_warps=nw)
     return logp, lse, ent, out
