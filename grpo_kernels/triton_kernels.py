@@ -81,9 +81,10 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
     base = logits_ptr + s * stride_s + t * stride_t
     scale = tl.full([], inv_tau, acc_ty)
     offs = tl.arange(0, BLOCK_V)
+    y = tl.load(tokens_ptr + row)
     m = tl.full([], float("-inf"), acc_ty)  # running max of z = logits / tau
-    l = tl.full([], 0.0, acc_ty)  # running sum exp(z - m)
-    w = tl.full([], 0.0, acc_ty)  # running sum exp(z - m) * z (entropy)
+    l_other = tl.full([], 0.0, acc_ty)  # running sum of exp(z_v - m) over v != y
+    w = tl.full([], 0.0, acc_ty)  # running sum of exp(z_v - m) * z_v over all v (entropy)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
@@ -91,14 +92,20 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)  # all -inf so far: no NaN
         alpha = tl.exp(m - m_ref)
         e = tl.exp(z - m_ref)
-        l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
-        if WITH_ENTROPY:
-            w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)  # p = 0, z = -inf -> 0
+        l_other = l_other * alpha + tl.reduce(tl.where(cols == y, 0.0, e), 0, tl.standard._sum_combine)
+        if WITH_ENTROPY:  # p = 0, z = -inf contributes 0, not NaN
+            w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
         m = m_new
-    lse = m + tl.log(l)
-    y = tl.load(tokens_ptr + row)
     zy = tl.load(base + y).to(acc_ty) * scale
-    tl.store(logp_ptr + row, zy - lse)
+    # log p_y = -log1p(l_other / e_y) (accurate when p_y ~ 1, unlike z_y - lse), log1p from log (Goldberg)
+    e_y = tl.exp(zy - m)
+    l = l_other + e_y
+    log_l = tl.log(l)
+    lse = m + log_l
+    x = l_other / tl.where(e_y > 0.0, e_y, 1.0)
+    u = 1.0 + x
+    log1p_x = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+    tl.store(logp_ptr + row, tl.where(e_y > 0.0, -log1p_x, (zy - m) - log_l))
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, lse - w / l)
@@ -175,9 +182,10 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
                 tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
         else:
             base = logits_ptr + s * stride_s + t * stride_t
-            # Pass 1: online max / sum-exp (and the entropy sum) over the row.
+            # Pass 1: online max / sum-exp (and the entropy sum) over the row, as in _fwd_kernel.
+            y = tl.load(tokens_ptr + row)
             m = tl.full([], float("-inf"), acc_ty)
-            l = tl.full([], 0.0, acc_ty)
+            l_other = tl.full([], 0.0, acc_ty)
             w = tl.full([], 0.0, acc_ty)
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
@@ -186,14 +194,19 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
                 alpha = tl.exp(m - m_ref)
                 e = tl.exp(z - m_ref)
-                l = l * alpha + tl.reduce(e, 0, tl.standard._sum_combine)
+                l_other = l_other * alpha + tl.reduce(tl.where(cols == y, 0.0, e), 0, tl.standard._sum_combine)
                 if WITH_ENTROPY:
                     w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
                 m = m_new
-            lse = m + tl.log(l)
-            y = tl.load(tokens_ptr + row)
             zy = tl.load(base + y).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
-            tl.store(logp_ptr + row, zy - lse)
+            e_y = tl.exp(zy - m)
+            l = l_other + e_y
+            log_l = tl.log(l)
+            lse = m + log_l
+            x = l_other / tl.where(e_y > 0.0, e_y, 1.0)
+            u = 1.0 + x
+            log1p_x = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+            tl.store(logp_ptr + row, tl.where(e_y > 0.0, -log1p_x, (zy - m) - log_l))
             tl.store(lse_ptr + row, lse)
             if WITH_ENTROPY:
                 tl.store(ent_ptr + row, lse - w / l)
@@ -202,12 +215,14 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             # Pass 2: reread the row and write coef * (1[v=y] - p_v) / tau. Chunks are visited last to first:
             # the most recently read ones are the likeliest to still be in L2 (a forward sweep over a row larger
             # than this program's share of the cache would evict each chunk just before it is needed).
+            # The target's 1 - p_y is l_other / l: no cancellation when p_y ~ 1.
             c = tl.load(coef_ptr + row) * scale
+            c_y = c * (l_other / l)
             for i in range(0, n_chunks):
                 cols = (n_chunks - 1 - i) * BLOCK_V + offs
                 z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
                 p = tl.exp(z - lse)
-                grad = c * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)
+                grad = tl.where(cols == y, c_y, -c * p)
                 if RNE_BF16:
                     u = grad.to(tl.uint32, bitcast=True)
                     u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
