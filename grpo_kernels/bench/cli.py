@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny shapes and few rounds (seconds); torch.compile is left out unless --impls names it")
     parser.add_argument("--cold-l2", action="store_true",
                         help="overwrite a 256 MB buffer between repetitions (cache-cold timing)")
+    parser.add_argument("--call-budget", type=float, default=None, metavar="SECONDS",
+                        help="an implementation whose single call takes longer is reported, not timed further "
+                             "(default: 60 on CPU, 30 on CUDA, 10 with --quick; 0 = no limit)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,6 +83,12 @@ def run(args) -> int:
     if args.group_size < 1:
         print(f"error: --group-size must be >= 1, got {args.group_size}", file=sys.stderr)
         return 2
+    if args.call_budget is not None and args.call_budget < 0:
+        print(f"error: --call-budget must be >= 0 seconds, got {args.call_budget}", file=sys.stderr)
+        return 2
+    budget = args.call_budget
+    if budget is None:
+        budget = 10.0 if args.quick else (30.0 if device == "cuda" else 60.0)
     dev = torch.device(device)
     try:
         cases = _c.select_cases(dev, quick=args.quick, shapes=args.shapes, dtypes=args.dtypes,
@@ -102,6 +111,7 @@ def run(args) -> int:
     copy_bw = _h.copy_bandwidth(dev, quick=args.quick)
     meta = _r.run_metadata(dev, copy_bw_gbps=copy_bw, cold_l2=args.cold_l2, quick=args.quick,
                            argv=sys.argv[1:] if sys.argv else None)
+    meta["call_budget_s"] = budget
 
     try:
         from tqdm import tqdm
@@ -118,7 +128,8 @@ def run(args) -> int:
             if inputs is None and impl.skip_reason is None:
                 inputs = _c.build_inputs(case, dev)
             row, out = _c.measure(case, impl, dev, inputs if inputs is not None else {}, quick=args.quick,
-                                  cold_l2=args.cold_l2, memory=not args.no_memory, baseline_out=base_out)
+                                  cold_l2=args.cold_l2, memory=not args.no_memory, baseline_out=base_out,
+                                  call_budget_s=budget or None)
             if impl.kind == "baseline" and out is not None:
                 base_out = out
             rows.append(row)

@@ -108,20 +108,24 @@ def _check_timing_args(warmup: int, min_rounds: int, max_rounds: int, min_time_s
         raise ValueError(f"min_time_s must be >= 0, got {min_time_s!r}")
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 2, min_rounds: int = 5, max_rounds: int = 200,
-             min_time_s: float = 1.0, flush: Optional[Callable[[], None]] = None,
+def time_cpu(fn: Callable[[], object], *, warmup: int = 1, min_rounds: int = 5, max_rounds: int = 200,
+             min_time_s: float = 1.0, max_time_s: Optional[float] = None, flush: Optional[Callable[[], None]] = None,
              before_each: Optional[Callable[[], None]] = None) -> TimingStats:
     """Time ``fn()`` with ``time.perf_counter``: ``warmup`` untimed calls, then at least ``min_rounds`` timed
-    calls and more until ``min_time_s`` of timed work or ``max_rounds`` is reached. ``before_each`` (e.g.
-    dropping the previous call's ``.grad``) and ``flush`` (cache-cold mode) run untimed before every call."""
+    calls and more until ``min_time_s`` of timed work or ``max_rounds`` is reached. With ``max_time_s``, slow
+    calls stop after ``min(3, min_rounds)`` rounds once that much time was spent. ``before_each`` (e.g. dropping
+    the previous call's ``.grad``) and ``flush`` (cache-cold mode) run untimed before every call."""
     _check_timing_args(warmup, min_rounds, max_rounds, min_time_s)
+    floor_rounds = min(3, min_rounds)
     for _ in range(warmup):
         if before_each is not None:
             before_each()
         fn()
     times = []
     total = 0.0
-    while len(times) < min_rounds or (total < min_time_s and len(times) < max_rounds):
+    while (len(times) < floor_rounds
+           or (len(times) < min_rounds and (max_time_s is None or total < max_time_s))
+           or (total < min_time_s and len(times) < max_rounds)):
         if before_each is not None:
             before_each()
         if flush is not None:
@@ -192,7 +196,8 @@ def time_callable(fn: Callable[[], object], device, *, quick: bool = False, cold
         kw = dict(warmup=2, min_rounds=5 if quick else 10, min_time_s=0.05 if quick else 0.3)
         kw.update(overrides)
         return time_cuda(fn, flush=flush, before_each=before_each, **kw)
-    kw = dict(warmup=1 if quick else 2, min_rounds=3 if quick else 5, min_time_s=0.05 if quick else 1.0)
+    kw = dict(warmup=1, min_rounds=3 if quick else 5, min_time_s=0.05 if quick else 1.0,
+              max_time_s=1.0 if quick else 10.0)
     kw.update(overrides)
     return time_cpu(fn, flush=flush, before_each=before_each, **kw)
 
