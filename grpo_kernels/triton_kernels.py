@@ -290,9 +290,11 @@ def _programs(logits: Tensor, n_rows: int, block_v: int, programs: Optional[int]
     """Grid size of the persistent one-pass kernel, i.e. the number of rows in flight.
 
     Pass 2 rereads a row right after pass 1 read it; the reread is served by L2 if the rows in flight (read
-    plus gradient written, ~2 row sizes each) fit in about half of it. So: as many programs as fit, at
-    least one per SM (fewer would idle SMs), at most 4 per SM. Rows that fit in one chunk are reread from
-    registers' worth of just-loaded lines anyway: one program per row then. ``programs`` overrides.
+    plus gradient written, ~2 row sizes each) fit in about half of it. So: as many programs as fit, but at
+    least one per SM (fewer would idle SMs; for V ~ 150k in bf16 this floor already exceeds the budget, and
+    the backwards sweep of pass 2 then recovers the part that is still cached) and at most 4 per SM. A row
+    that fits in one chunk is reread right after it was loaded: one program per row then, no persistence.
+    Not tuned on hardware; ``programs`` overrides.
     """
     if programs is not None:
         if isinstance(programs, bool) or not isinstance(programs, int) or programs < 1:

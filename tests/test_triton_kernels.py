@@ -415,6 +415,19 @@ def test_deterministic(triton_interpret):
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
 
 
+def _bad_input_table():
+    from test_validation import BAD  # the project's bad-input table (tests/test_validation.py)
+    return [b for b in BAD if "backend" not in b[1]]
+
+
+@pytest.mark.parametrize("row", _bad_input_table(), ids=lambda b: b[0])
+def test_bad_input_table_with_triton_backend(triton_interpret, row):
+    from test_validation import _call
+    _, over, exc, text = row
+    with pytest.raises(exc, match=text):
+        _call(**over, backend="triton")
+
+
 def test_bad_input_reaches_no_kernel(triton_interpret):
     z, tok, m, r = _inputs()
     bad = tok.clone()
