@@ -1,0 +1,429 @@
+// CUDA row kernels of grpo_kernels (torch-free: raw pointers and templates, so that this header compiles with
+// nvcc alone -- see cuda_check.cu -- and is used by the torch extension in cuda_ops.cu).
+//
+// One block per (S, T) row (1-D grid-stride loop over rows, int64 offsets), kBlock threads. Each thread owns a
+// fixed set of elements of the row (the same in every pass), loaded 128 bits at a time where the row is
+// aligned (a scalar head brings it to alignment; a scalar tail finishes it). Accumulation in fp32 (fp64 for
+// fp64 logits). Reductions: warp shuffles, then one value per warp through shared memory -- a fixed tree, so
+// results are bitwise deterministic. Math as in cpu_kernels_impl.h:
+//   fwd:      one read of the row with an online (max, sum e, sum e t) per thread, merged across the block;
+//   bwd:      one read of the row, one write of the gradient;
+//   fwd_grad: the fwd pass, then the row is read again (from L2 for rows of tens of kB) and the gradient
+//             g_v = -coef it exp((z_v - m) it) / sum is written; the target entry g_y = coef (1 - exp(logp)) it
+//             is computed in fp32 by one thread after the block has written its row.
+// Masked rows are never read: outputs 0 and a zero gradient row. `out` may alias the logits: every element is
+// read and written by the same thread in the same iteration, and z_y is read before the first write.
+// An out-of-range token id on an unmasked row (the launchers' callers check ids beforehand) is never used as
+// an index: that row's outputs are NaN.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "grpo_kernels.h"
+
+namespace grpo {
+namespace cuda {
+
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+
+// ---------------------------------------------------------------------------------------------------------
+// Element types: conversion to/from the accumulation type A and 128-bit vector loads/stores.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using A = float;
+  static constexpr int kVec = 4;
+  __device__ static inline A to(float x) { return x; }
+  __device__ static inline float from(A x) { return x; }
+};
+template <>
+struct Elem<double> {
+  using A = double;
+  static constexpr int kVec = 2;
+  __device__ static inline A to(double x) { return x; }
+  __device__ static inline double from(A x) { return x; }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  using A = float;
+  static constexpr int kVec = 8;
+  __device__ static inline A to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static inline __nv_bfloat16 from(A x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Elem<__half> {
+  using A = float;
+  static constexpr int kVec = 8;
+  __device__ static inline A to(__half x) { return __half2float(x); }
+  __device__ static inline __half from(A x) { return __float2half_rn(x); }
+};
+
+// kVec elements through one 16-byte transaction (p must be 16-byte aligned).
+template <typename T>
+__device__ inline void load_vec(const T* p, typename Elem<T>::A* out) {
+  constexpr int n = Elem<T>::kVec;
+  union {
+    uint4 u;
+    T e[n];
+  } v;
+  v.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < n; ++k) out[k] = Elem<T>::to(v.e[k]);
+}
+
+template <typename T>
+__device__ inline void store_vec(T* p, const typename Elem<T>::A* in) {
+  constexpr int n = Elem<T>::kVec;
+  union {
+    uint4 u;
+    T e[n];
+  } v;
+#pragma unroll
+  for (int k = 0; k < n; ++k) v.e[k] = Elem<T>::from(in[k]);
+  *reinterpret_cast<uint4*>(p) = v.u;
+}
+
+__device__ inline float exp_(float x) { return expf(x); }
+__device__ inline double exp_(double x) { return exp(x); }
+__device__ inline float log_(float x) { return logf(x); }
+__device__ inline double log_(double x) { return log(x); }
+
+template <typename A>
+__device__ inline A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+// Elements a row splits into: a scalar head up to 16-byte alignment, whole vectors, a scalar tail.
+struct RowSplit {
+  int64_t head, nvec, tail_start;
+};
+
+template <typename T>
+__device__ inline RowSplit split_row(const T* z, int64_t V) {
+  constexpr int n = Elem<T>::kVec;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(z);
+  RowSplit r;
+  if (addr % sizeof(T) != 0) {  // cannot happen for a valid tensor; stay scalar
+    r.head = V;
+  } else {
+    r.head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
+    if (r.head > V) r.head = V;
+  }
+  r.nvec = (V - r.head) / n;
+  r.tail_start = r.head + r.nvec * n;
+  return r;
+}
+
+// Visits every element z[i] of the row owned by this thread: f(i, value in A).
+template <typename T, typename F>
+__device__ inline void for_each_elem(const T* z, int64_t V, const RowSplit& sp, F&& f) {
+  using A = typename Elem<T>::A;
+  constexpr int n = Elem<T>::kVec;
+  const int tid = threadIdx.x;
+  for (int64_t i = tid; i < sp.head; i += kBlock) f(i, Elem<T>::to(z[i]));
+  for (int64_t j = tid; j < sp.nvec; j += kBlock) {
+    const int64_t i0 = sp.head + j * n;
+    A x[n];
+    load_vec<T>(z + i0, x);
+#pragma unroll
+    for (int k = 0; k < n; ++k) f(i0 + k, x[k]);
+  }
+  for (int64_t i = sp.tail_start + tid; i < V; i += kBlock) f(i, Elem<T>::to(z[i]));
+}
+
+// g[i] = f(i, z[i]) for the elements this thread owns (z and g may be the same row). Vector stores when z and
+// g share their alignment (always true when they alias), scalar stores otherwise.
+template <typename T, typename F>
+__device__ inline void map_row(const T* z, T* g, int64_t V, const RowSplit& sp, F&& f) {
+  using A = typename Elem<T>::A;
+  constexpr int n = Elem<T>::kVec;
+  const int tid = threadIdx.x;
+  const bool same = (reinterpret_cast<uintptr_t>(z) % 16) == (reinterpret_cast<uintptr_t>(g) % 16);
+  for (int64_t i = tid; i < sp.head; i += kBlock) g[i] = Elem<T>::from(f(i, Elem<T>::to(z[i])));
+  for (int64_t j = tid; j < sp.nvec; j += kBlock) {
+    const int64_t i0 = sp.head + j * n;
+    A x[n];
+    load_vec<T>(z + i0, x);
+#pragma unroll
+    for (int k = 0; k < n; ++k) x[k] = f(i0 + k, x[k]);
+    if (same) {
+      store_vec<T>(g + i0, x);
+    } else {
+#pragma unroll
+      for (int k = 0; k < n; ++k) g[i0 + k] = Elem<T>::from(x[k]);
+    }
+  }
+  for (int64_t i = sp.tail_start + tid; i < V; i += kBlock) g[i] = Elem<T>::from(f(i, Elem<T>::to(z[i])));
+}
+
+template <typename T>
+__device__ inline void zero_row(T* g, int64_t V) {
+  using A = typename Elem<T>::A;
+  const RowSplit sp = split_row(g, V);
+  constexpr int n = Elem<T>::kVec;
+  A zero[n];
+#pragma unroll
+  for (int k = 0; k < n; ++k) zero[k] = A(0);
+  const int tid = threadIdx.x;
+  for (int64_t i = tid; i < sp.head; i += kBlock) g[i] = Elem<T>::from(A(0));
+  for (int64_t j = tid; j < sp.nvec; j += kBlock) store_vec<T>(g + sp.head + j * n, zero);
+  for (int64_t i = sp.tail_start + tid; i < V; i += kBlock) g[i] = Elem<T>::from(A(0));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Online softmax statistics: m = running max of the raw logits, s = sum_v exp((z_v - m) it),
+// h = sum_v exp((z_v - m) it) (z_v - m) it. -inf logits contribute nothing; m = -inf means "empty".
+// ---------------------------------------------------------------------------------------------------------
+template <typename A>
+struct Stats {
+  A m, s, h;
+};
+
+template <typename A, bool ENT>
+__device__ inline void stats_add(Stats<A>& a, A x, A it) {
+  if (x > a.m) {
+    if (a.m == neg_inf<A>()) {
+      a.s = A(1);
+      if (ENT) a.h = A(0);
+    } else {
+      const A d = (x - a.m) * it;
+      const A c = exp_(-d);
+      if (ENT) a.h = c * (a.h - d * a.s);
+      a.s = a.s * c + A(1);
+    }
+    a.m = x;
+  } else if (x > neg_inf<A>()) {
+    const A t = (x - a.m) * it;
+    const A e = exp_(t);
+    a.s += e;
+    if (ENT) a.h += e * t;
+  }
+}
+
+template <typename A, bool ENT>
+__device__ inline Stats<A> stats_merge(const Stats<A>& a, const Stats<A>& b, A it) {
+  if (b.m == neg_inf<A>()) return a;
+  if (a.m == neg_inf<A>()) return b;
+  const A M = a.m > b.m ? a.m : b.m;
+  const A da = (M - a.m) * it, db = (M - b.m) * it;
+  const A ca = exp_(-da), cb = exp_(-db);
+  Stats<A> r;
+  r.m = M;
+  r.s = a.s * ca + b.s * cb;
+  r.h = ENT ? ca * (a.h - da * a.s) + cb * (b.h - db * b.s) : A(0);
+  return r;
+}
+
+// Block-wide merge; every thread gets the result. `smem` holds kWarps entries.
+template <typename A, bool ENT>
+__device__ inline Stats<A> block_stats(Stats<A> a, A it, Stats<A>* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Stats<A> b;
+    b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
+    b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
+    b.h = __shfl_xor_sync(0xffffffffu, a.h, off);
+    a = stats_merge<A, ENT>(a, b, it);
+  }
+  if (lane == 0) smem[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    Stats<A> w = lane < kWarps ? smem[lane] : Stats<A>{neg_inf<A>(), A(0), A(0)};
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      Stats<A> b;
+      b.m = __shfl_xor_sync(0xffffffffu, w.m, off);
+      b.s = __shfl_xor_sync(0xffffffffu, w.s, off);
+      b.h = __shfl_xor_sync(0xffffffffu, w.h, off);
+      w = stats_merge<A, ENT>(w, b, it);
+    }
+    if (lane == 0) smem[0] = w;
+  }
+  __syncthreads();
+  const Stats<A> r = smem[0];
+  __syncthreads();  // smem may be reused by the caller
+  return r;
+}
+
+template <typename T>
+__device__ inline const T* logits_row(const RowProblem& p, int64_t r) {
+  return static_cast<const T*>(p.logits) + (r / p.T) * p.ls_s + (r % p.T) * p.ls_t;
+}
+template <typename T>
+__device__ inline T* grad_row(const RowProblem& p, int64_t r) {
+  return static_cast<T*>(p.grad) + (r / p.T) * p.gs_s + (r % p.T) * p.gs_t;
+}
+
+// Row statistics of an unmasked row: one read. Returns (m, s, h) for the whole row, in every thread.
+template <typename T, bool ENT>
+__device__ inline Stats<typename Elem<T>::A> row_stats(const T* z, int64_t V, const RowSplit& sp,
+                                                      typename Elem<T>::A it, Stats<typename Elem<T>::A>* smem) {
+  using A = typename Elem<T>::A;
+  Stats<A> st{neg_inf<A>(), A(0), A(0)};
+  for_each_elem<T>(z, V, sp, [&](int64_t, A x) { stats_add<A, ENT>(st, x, it); });
+  return block_stats<A, ENT>(st, it, smem);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, bool ENT>
+__global__ void __launch_bounds__(kBlock) fwd_kernel(RowProblem p) {
+  using A = typename Elem<T>::A;
+  __shared__ Stats<A> smem[kWarps];
+  const int64_t rows = p.S * p.T;
+  const A it = static_cast<A>(p.inv_temp);
+  A* logp = static_cast<A*>(p.logp);
+  A* lse = static_cast<A*>(p.lse);
+  A* ent = static_cast<A*>(p.ent);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (!p.mask[r]) {
+      if (threadIdx.x == 0) logp[r] = lse[r] = ent[r] = A(0);
+      continue;
+    }
+    const T* z = logits_row<T>(p, r);
+    const RowSplit sp = split_row(z, p.V);
+    const Stats<A> st = row_stats<T, ENT>(z, p.V, sp, it, smem);
+    if (threadIdx.x == 0) {
+      const int64_t y = p.tokens[r];
+      const bool ok = y >= 0 && y < p.V;
+      const A zy = ok ? Elem<T>::to(z[y]) : static_cast<A>(NAN);
+      const A ls = log_(st.s);
+      lse[r] = ok ? st.m * it + ls : static_cast<A>(NAN);
+      logp[r] = (zy - st.m) * it - ls;
+      ent[r] = ENT ? ls - st.h / st.s : A(0);
+    }
+  }
+}
+
+template <typename T, bool HAS_GH>
+__global__ void __launch_bounds__(kBlock) bwd_kernel(RowProblem p) {
+  using A = typename Elem<T>::A;
+  const int64_t rows = p.S * p.T;
+  const A it = static_cast<A>(p.inv_temp);
+  const A* gl_ = static_cast<const A*>(p.grad_logp);
+  const A* gh_ = static_cast<const A*>(p.grad_ent);
+  const A* lse_ = static_cast<const A*>(p.lse_in);
+  const A* ent_ = static_cast<const A*>(p.ent_in);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    T* g = grad_row<T>(p, r);
+    if (!p.mask[r]) {
+      zero_row<T>(g, p.V);
+      continue;
+    }
+    const T* z = logits_row<T>(p, r);
+    const int64_t y = p.tokens[r];
+    const bool ok = y >= 0 && y < p.V;
+    const A zy = ok ? Elem<T>::to(z[y]) : A(0);  // read by every thread before any write (z may alias g)
+    const A gl = gl_[r], gh = HAS_GH ? gh_[r] : A(0), lz = lse_[r];
+    const A c = lz - ent_[r];
+    const A floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));  // keeps gh (s - c) finite where z = -inf
+    __syncthreads();
+    const RowSplit sp = split_row(z, p.V);
+    map_row<T>(z, g, p.V, sp, [&](int64_t, A x) -> A {
+      if (HAS_GH) {
+        A sv = x * it;
+        sv = sv > floor ? sv : floor;
+        return -exp_(sv - lz) * (gl + gh * (sv - c)) * it;
+      }
+      return -gl * it * exp_(x * it - lz);
+    });
+    __syncthreads();
+    if (threadIdx.x == 0 && ok) {
+      const A sy = zy * it, py = exp_(sy - lz);
+      g[y] = Elem<T>::from((gl * (A(1) - py) - gh * py * (sy - c)) * it);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, bool ENT>
+__global__ void __launch_bounds__(kBlock) fwd_grad_kernel(RowProblem p) {
+  using A = typename Elem<T>::A;
+  __shared__ Stats<A> smem[kWarps];
+  const int64_t rows = p.S * p.T;
+  const A it = static_cast<A>(p.inv_temp);
+  A* logp = static_cast<A*>(p.logp);
+  A* lse = static_cast<A*>(p.lse);
+  A* ent = static_cast<A*>(p.ent);
+  const A* coef = static_cast<const A*>(p.coef);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    T* g = grad_row<T>(p, r);
+    if (!p.mask[r]) {
+      if (threadIdx.x == 0) logp[r] = lse[r] = ent[r] = A(0);
+      zero_row<T>(g, p.V);
+      continue;
+    }
+    const T* z = logits_row<T>(p, r);
+    const int64_t y = p.tokens[r];
+    const bool ok = y >= 0 && y < p.V;
+    const A zy = ok ? Elem<T>::to(z[y]) : static_cast<A>(NAN);  // before any write (z may alias g)
+    const RowSplit sp = split_row(z, p.V);
+    const Stats<A> st = row_stats<T, ENT>(z, p.V, sp, it, smem);  // ends with __syncthreads()
+    const A ls = log_(st.s);
+    const A lp = (zy - st.m) * it - ls;
+    const A cf = coef[r];
+    const A k = -cf * it / st.s;
+    const A m = st.m;
+    map_row<T>(z, g, p.V, sp, [&](int64_t, A x) -> A { return k * exp_((x - m) * it); });
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      lse[r] = ok ? m * it + ls : static_cast<A>(NAN);
+      logp[r] = lp;
+      ent[r] = ENT ? ls - st.h / st.s : A(0);
+      if (ok) g[y] = Elem<T>::from(cf * (A(1) - exp_(lp)) * it);
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host launchers (the caller has checked the arguments; p describes device memory).
+// ---------------------------------------------------------------------------------------------------------
+inline unsigned grid_for(const RowProblem& p) {
+  const int64_t rows = p.S * p.T;
+  const int64_t cap = 2147483647;
+  return static_cast<unsigned>(rows < cap ? rows : cap);
+}
+
+template <typename T>
+cudaError_t launch_fwd(const RowProblem& p, cudaStream_t stream) {
+  if (p.S * p.T == 0) return cudaSuccess;
+  if (p.with_entropy)
+    fwd_kernel<T, true><<<grid_for(p), kBlock, 0, stream>>>(p);
+  else
+    fwd_kernel<T, false><<<grid_for(p), kBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const RowProblem& p, cudaStream_t stream) {
+  if (p.S * p.T == 0) return cudaSuccess;
+  if (p.grad_ent != nullptr)
+    bwd_kernel<T, true><<<grid_for(p), kBlock, 0, stream>>>(p);
+  else
+    bwd_kernel<T, false><<<grid_for(p), kBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwd_grad(const RowProblem& p, cudaStream_t stream) {
+  if (p.S * p.T == 0) return cudaSuccess;
+  if (p.with_entropy)
+    fwd_grad_kernel<T, true><<<grid_for(p), kBlock, 0, stream>>>(p);
+  else
+    fwd_grad_kernel<T, false><<<grid_for(p), kBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace grpo
