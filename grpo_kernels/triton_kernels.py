@@ -136,14 +136,17 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
     g = tl.load(grad_logp_ptr + row)
     lse = tl.load(lse_ptr + row)
     y = tl.load(tokens_ptr + row)
+    zy = tl.load(base + y).to(acc_ty) * scale  # before the loop: out may alias the logits
     if HAS_GRAD_ENT:
         gh = tl.load(grad_ent_ptr + row)
         mean_z = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
+    p_other = tl.full([], 0.0, acc_ty)  # sum of p_v over v != y, i.e. 1 - p_y without cancellation
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
         p = tl.exp(z - lse)
-        grad = g * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)  # target term 1 - p_y in fp32/fp64
+        p_other += tl.reduce(tl.where(cols == y, 0.0, p), 0, tl.standard._sum_combine)
+        grad = g * (tl.where(cols == y, 1.0, 0.0).to(acc_ty) - p)  # the target entry is rewritten below
         if HAS_GRAD_ENT:
             grad -= gh * p * tl.where(p == 0.0, 0.0, z - mean_z)  # p = 0 (z = -inf) -> 0, not NaN
         grad = grad * scale
@@ -153,6 +156,21 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
             tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
         else:
             tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+    # The target entry again, with 1 - p_y = sum_{v != y} p_v (accurate when p_y ~ 1, where 1 - exp(z_y - lse)
+    # is all rounding error). The barrier orders this store after the loop's store of the same element,
+    # which another thread of the program may have made.
+    p_y = tl.exp(zy - lse)
+    g_y = g * p_other
+    if HAS_GRAD_ENT:
+        g_y -= gh * p_y * tl.where(p_y == 0.0, 0.0, zy - mean_z)
+    g_y = g_y * scale
+    tl.debug_barrier()
+    if RNE_BF16:
+        u_y = g_y.to(tl.uint32, bitcast=True)
+        u_y = (u_y + (0x7FFF + ((u_y >> 16) & 1))) >> 16
+        tl.store(out_base + y, u_y.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        tl.store(out_base + y, g_y.to(out_ty))
 
 
 def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) accumulation dtype

@@ -374,8 +374,8 @@ def test_bf16_error_at_most_twice_the_eager_reference(triton_interpret):
 
 
 def test_confident_target_is_accurate_in_fp32(triton_interpret):
-    """p_y = 1 - O(1e-9): log p_y and the one-pass target gradient c·(1 − p_y) keep full relative accuracy
-    (computed from the sum over the other classes, not as z_y − lse or 1 − exp(ℓ), which cancel)."""
+    """p_y = 1 - O(1e-9): log p_y and the target gradient c·(1 − p_y) (one- and two-pass) keep full relative
+    accuracy (computed from the sum over the other classes, not as z_y − lse or 1 − exp(ℓ), which cancel)."""
     z, tok, m, _ = _inputs(torch.float32)
     keep = _keep(tok, m)
     r, t_ = 4, 1
@@ -383,7 +383,8 @@ def test_confident_target_is_accurate_in_fp32(triton_interpret):
     z[r, t_, tok[r, t_]] = 25.0
     coef = torch.randn(S, T)
     lp, _, _, grad = tk.logprobs_fwd_grad(z, tok, keep, coef, 1.0, False, block_v=16)
-    lp_f, _, _ = tk.logprobs_fwd(z, tok, keep, 1.0, False, block_v=16)
+    lp_f, lse, ent = tk.logprobs_fwd(z, tok, keep, 1.0, False, block_v=16)
+    grad2 = tk.logprobs_bwd(coef, None, z, tok, keep, lse, ent, 1.0, block_v=16)  # two-pass path
     z64 = z.double().requires_grad_(True)
     lp64 = _ref_logprobs(z64, tok, keep, 1.0, entropy=False)
     (coef.double() * lp64).sum().backward()
@@ -391,8 +392,9 @@ def test_confident_target_is_accurate_in_fp32(triton_interpret):
     assert -1e-7 < lp64[r, t_].item() < 0
     for got in (lp[r, t_], lp_f[r, t_]):
         assert abs(got.double() / lp64[r, t_] - 1) < 1e-5
-    assert abs(grad[r, t_, y].double() / z64.grad[r, t_, y] - 1) < 1e-5
-    torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-5, atol=1e-7)
+    for g in (grad, grad2):
+        assert abs(g[r, t_, y].double() / z64.grad[r, t_, y] - 1) < 1e-5
+        torch.testing.assert_close(g.double(), z64.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_fp16_error_at_most_twice_the_eager_reference(triton_interpret):
