@@ -206,6 +206,26 @@ def test_masked_rows_are_not_read(triton_interpret):
         assert (gr[~keep] == 0).all() and (gr[keep].abs().sum(-1) > 0).all()
 
 
+def test_degenerate_shapes(triton_interpret):
+    """Empty batches launch nothing; V = 1 gives log p = 0 and a zero gradient."""
+    for shape in ((0, 3, 5), (2, 0, 5)):
+        z = torch.randn(shape)
+        tok = torch.zeros(shape[:2], dtype=torch.long)
+        keep = torch.ones(shape[:2], dtype=torch.bool)
+        lp, lse, ent = tk.logprobs_fwd(z, tok, keep, 1.0, True)
+        assert lp.shape == shape[:2]
+        _, _, _, g = tk.logprobs_fwd_grad(z, tok, keep, torch.ones(shape[:2]), 1.0, True)
+        assert g.shape == shape
+    z = torch.randn(2, 3, 1)
+    tok = torch.zeros(2, 3, dtype=torch.long)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, 0.5, True)
+    assert (lp == 0).all() and (ent == 0).all()
+    torch.testing.assert_close(lse, z[..., 0] / 0.5)
+    assert (tk.logprobs_fwd_grad(z, tok, keep, torch.ones(2, 3), 0.5, True)[3] == 0).all()
+    assert (tk.logprobs_bwd(torch.ones(2, 3), torch.ones(2, 3), z, tok, keep, lse, ent, 0.5) == 0).all()
+
+
 def test_contract_argument_checks(triton_interpret):
     z, tok, m, _ = _inputs()
     keep = _keep(tok, m)
