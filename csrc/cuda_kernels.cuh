@@ -180,7 +180,8 @@ __device__ inline void zero_row(T* g, int64_t V) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Online softmax statistics: m = running max of the raw logits, s = sum_v exp((z_v - m) it),
-// h = sum_v exp((z_v - m) it) (z_v - m) it. -inf logits contribute nothing; m = -inf means "empty".
+// h = sum_v exp((z_v - m) it) (z_v - m) it. -inf logits contribute nothing; m = -inf means "empty"; a NaN
+// logit makes every statistic NaN (never "empty", so merges propagate it).
 // ---------------------------------------------------------------------------------------------------------
 template <typename A>
 struct Stats {
@@ -205,6 +206,8 @@ __device__ inline void stats_add(Stats<A>& a, A x, A it) {
     const A e = exp_(t);
     a.s += e;
     if (ENT) a.h += e * t;
+  } else if (x != x) {  // NaN logit: poison the row's statistics (as the reference would)
+    a.m = a.s = a.h = static_cast<A>(NAN);
   }
 }
 

@@ -116,12 +116,8 @@ def _jit(name: str, sources, cuda: bool) -> None:
           f"{name} from {_CSRC}; the first build takes a minute or two...", file=sys.stderr, flush=True)
     kw = dict(name=name, sources=list(sources), extra_cflags=_cxx_flags(), extra_ldflags=_ld_flags(),
               extra_include_paths=[_CSRC], is_python_module=False, verbose=False)
-    if cuda:
+    if cuda:  # target GPUs: TORCH_CUDA_ARCH_LIST, else torch picks the GPUs present (first use, not install)
         kw["extra_cuda_cflags"] = ["-O3", "-lineinfo"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # the GPU present decides which arch to build for (this is first use at runtime, not install time)
-            major, minor = torch.cuda.get_device_capability()
-            kw["extra_cuda_cflags"].append(f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}")
     cpp_extension.load(**kw)
     print(f"grpo_kernels: {name} ready.", file=sys.stderr, flush=True)
 
