@@ -43,6 +43,7 @@ DEMO_DEFAULTS = dict(
     save_steps=0,
     device="cpu",
 )
+DEMO_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4)
 DEMO_NUM_DIGITS = 3
 DEMO_NUM_PROMPTS = 4096
 
