@@ -20,6 +20,9 @@ Design (DESIGN.md §5-6):
   and so are S, T, V and the strides: changing them does not recompile (Triton still specializes integer
   arguments on divisibility by 16, which is at most a second variant). ``BLOCK_V`` and ``num_warps`` are
   chosen from V and the dtype.
+* Confident tokens (p_y ~ 1): ``log p_y = −log1p(Σ_{v≠y} e^{z_v−z_y})`` and the target's gradient uses
+  ``1 − p_y = Σ_{v≠y} p_v``, both summed over the other classes, so neither is the cancellation
+  ``z_y − lse`` / ``1 − exp(ℓ)`` (which in fp32 leaves nothing of a 1 − p_y below ~1e-7).
 * Deterministic: every row is reduced by one program in a fixed order; there are no atomics.
 * Memory traffic: the forward reads each unmasked row once. The backward reads it once and writes the
   gradient once. The one-pass kernel (:func:`logprobs_fwd_grad`) reads the row, then rereads it and writes
@@ -414,9 +417,10 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
                  *, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy)``, each ``(S, T)`` contiguous fp32 (fp64 for fp64 logits).
 
-    ``logp = z_y/τ − lse``, ``lse = logsumexp(z/τ)``, ``entropy = lse − Σ p z/τ`` (zeros unless
-    ``with_entropy``); all three are 0 on masked rows. ``block_v`` (a power of two) overrides the chunk
-    size (tests use it to exercise the multi-chunk path on tiny V).
+    ``logp = z_y/τ − lse`` (evaluated without cancellation when p_y ~ 1), ``lse = logsumexp(z/τ)``,
+    ``entropy = lse − Σ p z/τ`` (zeros unless ``with_entropy``); all three are 0 on masked rows.
+    ``block_v`` (a power of two: the chunk size; tests use it to exercise the multi-chunk path on tiny V)
+    and ``num_warps`` override the launch heuristics.
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
     S, T, V = logits.shape
@@ -448,7 +452,7 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
 
     Written to a new contiguous ``(S, T, V)`` tensor, or into ``out`` (same shape/dtype, unit vocabulary
     stride, any other strides; may be the logits: each element is read before it is overwritten). Masked
-    rows are exactly zero.
+    rows are exactly zero. The target's ``1 − p_y`` is ``Σ_{v≠y} p_v`` (accurate when p_y ~ 1).
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
     S, T, V = logits.shape
@@ -486,6 +490,8 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     ``logp, lse, entropy`` are as in :func:`logprobs_fwd`; ``grad`` is a new contiguous ``(S, T, V)`` tensor
     in the logits' dtype, or ``out`` (may be the logits: each row is fully reduced before it is
     overwritten, element by element after being reread). Masked rows: not read, zero outputs, zero grad.
+    Persistent launch: ``programs`` rows in flight (default: see :func:`_programs`); ``block_v`` and
+    ``num_warps`` as in :func:`logprobs_fwd`.
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
     S, T, V = logits.shape
