@@ -6,6 +6,7 @@ ordering of quantiles), and the CLI runs on tiny shapes with ``--quick``.
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -98,6 +99,12 @@ def test_time_cpu_stops_at_min_rounds_when_min_time_is_reached():
     calls = []
     stats = H.time_cpu(lambda: calls.append(1), warmup=0, min_rounds=4, max_rounds=100, min_time_s=0.0)
     assert stats.rounds == 4 and len(calls) == 4
+
+
+def test_time_cpu_caps_rounds_of_slow_calls():
+    # every call sleeps 20 ms: after 3 rounds (>= 60 ms) the 30 ms max_time_s stops it short of min_rounds
+    stats = H.time_cpu(lambda: time.sleep(0.02), warmup=0, min_rounds=5, min_time_s=0.0, max_time_s=0.03)
+    assert stats.rounds == 3 and stats.min_ms >= 20.0
 
 
 @pytest.mark.parametrize("kw", [dict(warmup=-1), dict(min_rounds=0), dict(min_rounds=5, max_rounds=4),
@@ -204,6 +211,22 @@ def test_measure_reports_errors_and_skips_as_rows():
     assert row["status"] == "error" and "kernel exploded" in row["reason"] and out is None
     row, _ = C.measure(case, C.Impl("y", "peer", skip_reason="not installed"), "cpu", inputs)
     assert row["status"] == "skipped" and row["reason"] == "not installed"
+
+
+def test_measure_call_budget_reports_the_slow_call():
+    case = C.Case("grpo_loss", "fwd", 4, 8, 64)
+    calls = []
+
+    def slow(_inputs):
+        def run():
+            calls.append(1)
+            time.sleep(0.2)
+            return torch.zeros(())
+        return run
+    row, _ = C.measure(case, C.Impl("slow", "backend", slow), "cpu", C.build_inputs(case, "cpu"), quick=True,
+                       call_budget_s=0.1)
+    assert row["status"] == "skipped" and "per-call budget" in row["reason"]
+    assert row["single_call_ms"] >= 200 and len(calls) == 1  # not called again
 
 
 def test_measure_torch_row_matches_reference_and_model():

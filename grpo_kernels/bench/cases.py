@@ -523,13 +523,15 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
             ) -> Tuple[dict, Optional[Tensor]]:
     """Time (and measure the peak memory of) ``impl`` on ``case``; returns ``(row, first output)``.
 
-    Order of calls: one call whose output is kept (lazy initialization, compilation, and the correctness
-    guard against ``baseline_out``), one call under the peak-memory measurement (it doubles as the warm-up),
-    then the timed calls. With ``call_budget_s``, an implementation whose call takes longer than that (the
-    first call, or the second for those that compile) is not timed further: its row is ``skipped`` with the
-    time that one call took. The row holds status (``ok``/``skipped``/``error``), the timing statistics, the
-    byte/FLOP model, GB/s, TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size) and
-    ``max_abs_diff`` of the output against ``baseline_out``.
+    Order of calls: one call whose output is kept for the correctness guard against ``baseline_out``, under
+    the peak-memory measurement (it also pays lazy initialization and serves as the warm-up); implementations
+    that compile on their first call get a second, measured one. Then the timed calls. With ``call_budget_s``,
+    an implementation whose (measured) call takes longer than that is not timed further: its row is
+    ``skipped`` with the time that one call took.
+
+    The row holds status (``ok``/``skipped``/``error``), the timing statistics, the byte/FLOP model, GB/s,
+    TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size) and ``max_abs_diff`` of the
+    output against ``baseline_out``.
     """
     device = torch.device(device)
     row = dict(op=case.op, mode=case.mode, shape=case.shape, S=case.S, T=case.T, V=case.V, H=case.H,
@@ -552,28 +554,37 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
 
     try:
         fn = impl.make(inputs)
-        clear_grads(inputs)
-        t0 = time.perf_counter()
-        first = _sync(fn(), device)
-        first = None if first is None else first.detach().clone()
-        if not impl.compiles and over_budget(time.perf_counter() - t0):
+
+        def call_once(measure_memory: bool):
+            """One call (with the peak-memory measurement if asked); returns (output, seconds)."""
+            clear_grads(inputs)
+            held = []
+            t0 = time.perf_counter()
+            if measure_memory:
+                peak, method = _h.peak_extra(lambda: held.append(fn()) or held[-1], device)
+                row.update(peak_extra_bytes=peak, memory_method=method,
+                           peak_extra_x_logits=None if peak is None else peak / case.logits_bytes())
+            else:
+                held.append(_sync(fn(), device))
+            return held[0], time.perf_counter() - t0
+
+        # First call: output for the correctness guard, lazy init, and (unless it compiles) the peak memory.
+        out, seconds = call_once(memory and not impl.compiles)
+        first = None if out is None else out.detach().clone()
+        del out
+        if over_budget(seconds):
             return row, first
-        clear_grads(inputs)
-        t0 = time.perf_counter()
-        if memory:
-            peak, method = _h.peak_extra(fn, device)
-            row.update(peak_extra_bytes=peak, memory_method=method,
-                       peak_extra_x_logits=None if peak is None else peak / case.logits_bytes())
-        else:
-            _sync(fn(), device)
-        if impl.compiles and over_budget(time.perf_counter() - t0):
-            return row, first
+        if impl.compiles:  # second call: the first one compiled
+            _, seconds = call_once(memory)
+            if over_budget(seconds):
+                return row, first
         overrides = dict(timing_overrides or {})
         if device.type == "cpu":
-            overrides.setdefault("warmup", 0)  # the memory call was the warm-up
+            overrides.setdefault("warmup", 0)  # the calls above were the warm-up
         stats = _h.time_callable(fn, device, quick=quick, cold_l2=cold_l2, before_each=lambda: clear_grads(inputs),
                                  **overrides)
         row.update(status="ok", reason="", **stats.as_dict())
+        row["warmup"] = stats.warmup + (2 if impl.compiles else 1)  # untimed calls, the ones above included
         row["gbps"] = row["ideal_bytes"] / (stats.median_ms * 1e-3) / 1e9
         row["tflops"] = None if row["ideal_flops"] is None else row["ideal_flops"] / (stats.median_ms * 1e-3) / 1e12
         row["max_abs_diff"] = _max_diff(first, baseline_out)
