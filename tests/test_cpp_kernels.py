@@ -117,6 +117,15 @@ def test_importing_the_package_does_not_load_the_extension():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_jit_build_errors_are_clear(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*backend='torch'"):
+        cx._check_compiler(cuda=False)
+    with pytest.raises(ImportError, match="csrc/ sources needed to build it on first use are not reachable"):
+        cx._check_sources(["no_such_source.cpp"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The ops themselves against the reference
 # --------------------------------------------------------------------------------------------------------------
