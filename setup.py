@@ -14,6 +14,7 @@ i.e. with ``pip install --no-build-isolation``.
 
 import os
 import re
+import sys
 
 from setuptools import find_packages, setup
 
@@ -34,6 +35,8 @@ def extensions_and_cmdclass():
     """(ext_modules, cmdclass) for the compiled kernels; empty when they cannot or should not be built."""
     if os.environ.get("GRPO_KERNELS_SKIP_CPP_BUILD", "0") == "1":
         return [], {}
+    if HERE not in sys.path:  # PEP 517 builds do not put the project directory on sys.path
+        sys.path.insert(0, HERE)
     try:
         import build_ext_config  # noqa: F401  (csrc build description, next to this file)
     except ImportError:
