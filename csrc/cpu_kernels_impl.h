@@ -7,10 +7,10 @@
 //   fwd:      m = max z;  sum = sum_v exp((z_v - m) it);  lse = m it + log(sum);  logp = (z_y - m) it - log(sum);
 //             H = log(sum) - sum_v e_v (z_v - m) it / sum  (= lse - sum_v p_v z_v it; -inf logits give 0)
 //   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, and the target entry recomputed in full precision
-//             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it
+//             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it, with 1 - p_y = -expm1(log p_y)
 //   fwd_grad: one read of the row from memory: a max pass, then e_v = exp((z_v - m) it) written into the
 //             gradient row itself (an fp32 scratch row for bf16/fp16), then rescaled in place from L2:
-//             g_v = -coef it e_v / sum;  g_y = coef (1 - exp(logp)) it.
+//             g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.
 // Masked rows are never read: outputs 0 and a zero gradient row. Reductions run in a fixed order inside
 // each row, so results do not depend on the thread count (bitwise deterministic).
 #pragma once
@@ -259,7 +259,7 @@ struct Rows {
         }
       }
       const A sy = zy * it, py = std::exp(sy - lz);
-      g[y] = static_cast<T>((gl * (A(1) - py) - gh * py * (sy - c)) * it);
+      g[y] = static_cast<T>((-gl * std::expm1(sy - lz) - gh * py * (sy - c)) * it);  // 1 - p_y = -expm1
     }
   }
 
@@ -307,7 +307,7 @@ struct Rows {
         Io<T>::store(g + i, x);
       }
       for (; i < V; ++i) g[i] = static_cast<T>(e[i] * scale);
-      g[y] = static_cast<T>(cf * (A(1) - std::exp(lp)) * it);
+      g[y] = static_cast<T>(-cf * std::expm1(lp) * it);  // coef (1 - p_y) / tau, exact for p_y ≈ 1
     }
   }
 };

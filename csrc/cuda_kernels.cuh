@@ -9,7 +9,7 @@
 //   fwd:      one read of the row with an online (max, sum e, sum e t) per thread, merged across the block;
 //   bwd:      one read of the row, one write of the gradient;
 //   fwd_grad: the fwd pass, then the row is read again (from L2 for rows of tens of kB) and the gradient
-//             g_v = -coef it exp((z_v - m) it) / sum is written; the target entry g_y = coef (1 - exp(logp)) it
+//             g_v = -coef it exp((z_v - m) it) / sum is written; the target entry g_y = -coef expm1(logp) it
 //             is computed in fp32 by one thread after the block has written its row.
 // Masked rows are never read: outputs 0 and a zero gradient row. `out` may alias the logits: every element is
 // read and written by the same thread in the same iteration, and z_y is read before the first write.
@@ -93,6 +93,8 @@ __device__ inline void store_vec(T* p, const typename Elem<T>::A* in) {
 
 __device__ inline float exp_(float x) { return expf(x); }
 __device__ inline double exp_(double x) { return exp(x); }
+__device__ inline float expm1_(float x) { return expm1f(x); }
+__device__ inline double expm1_(double x) { return expm1(x); }
 __device__ inline float log_(float x) { return logf(x); }
 __device__ inline double log_(double x) { return log(x); }
 
@@ -186,25 +188,37 @@ __device__ inline void zero_row(T* g, int64_t V) {
 template <typename A>
 struct Stats {
   A m, s, h;
+  A cs;  // Kahan compensation of s (the true sum is s - cs): the thread holding p_y ≈ 1 keeps the small terms
 };
+
+template <typename A>
+__device__ inline void kahan_add(A& s, A& c, A x) {
+  const A y = x - c;
+  const A t = s + y;
+  c = (t - s) - y;
+  s = t;
+}
 
 template <typename A, bool ENT>
 __device__ inline void stats_add(Stats<A>& a, A x, A it) {
   if (x > a.m) {
     if (a.m == neg_inf<A>()) {
       a.s = A(1);
+      a.cs = A(0);
       if (ENT) a.h = A(0);
     } else {
       const A d = (x - a.m) * it;
       const A c = exp_(-d);
-      if (ENT) a.h = c * (a.h - d * a.s);
-      a.s = a.s * c + A(1);
+      if (ENT) a.h = c * (a.h - d * (a.s - a.cs));
+      a.s = (a.s - a.cs) * c;
+      a.cs = A(0);
+      kahan_add(a.s, a.cs, A(1));
     }
     a.m = x;
   } else if (x > neg_inf<A>()) {
     const A t = (x - a.m) * it;
     const A e = exp_(t);
-    a.s += e;
+    kahan_add(a.s, a.cs, e);
     if (ENT) a.h += e * t;
   } else if (x != x) {  // NaN logit: poison the row's statistics (as the reference would)
     a.m = a.s = a.h = static_cast<A>(NAN);
@@ -218,10 +232,12 @@ __device__ inline Stats<A> stats_merge(const Stats<A>& a, const Stats<A>& b, A i
   const A M = a.m > b.m ? a.m : b.m;
   const A da = (M - a.m) * it, db = (M - b.m) * it;
   const A ca = exp_(-da), cb = exp_(-db);
+  const A sa = a.s - a.cs, sb = b.s - b.cs;  // compensation folded in
   Stats<A> r;
   r.m = M;
-  r.s = a.s * ca + b.s * cb;
-  r.h = ENT ? ca * (a.h - da * a.s) + cb * (b.h - db * b.s) : A(0);
+  r.s = sa * ca + sb * cb;
+  r.h = ENT ? ca * (a.h - da * sa) + cb * (b.h - db * sb) : A(0);
+  r.cs = A(0);
   return r;
 }
 
@@ -235,25 +251,29 @@ __device__ inline Stats<A> block_stats(Stats<A> a, A it, Stats<A>* smem) {
     b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
     b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
     b.h = __shfl_xor_sync(0xffffffffu, a.h, off);
+    b.cs = __shfl_xor_sync(0xffffffffu, a.cs, off);
     a = stats_merge<A, ENT>(a, b, it);
   }
   if (lane == 0) smem[warp] = a;
   __syncthreads();
   if (warp == 0) {
-    Stats<A> w = lane < kWarps ? smem[lane] : Stats<A>{neg_inf<A>(), A(0), A(0)};
+    Stats<A> w = lane < kWarps ? smem[lane] : Stats<A>{neg_inf<A>(), A(0), A(0), A(0)};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       Stats<A> b;
       b.m = __shfl_xor_sync(0xffffffffu, w.m, off);
       b.s = __shfl_xor_sync(0xffffffffu, w.s, off);
       b.h = __shfl_xor_sync(0xffffffffu, w.h, off);
+      b.cs = __shfl_xor_sync(0xffffffffu, w.cs, off);
       w = stats_merge<A, ENT>(w, b, it);
     }
     if (lane == 0) smem[0] = w;
   }
   __syncthreads();
-  const Stats<A> r = smem[0];
+  Stats<A> r = smem[0];
   __syncthreads();  // smem may be reused by the caller
+  r.s -= r.cs;  // fold the compensation (a lone lane's stats reach here unmerged)
+  r.cs = A(0);
   return r;
 }
 
@@ -271,7 +291,7 @@ template <typename T, bool ENT>
 __device__ inline Stats<typename Elem<T>::A> row_stats(const T* z, int64_t V, const RowSplit& sp,
                                                       typename Elem<T>::A it, Stats<typename Elem<T>::A>* smem) {
   using A = typename Elem<T>::A;
-  Stats<A> st{neg_inf<A>(), A(0), A(0)};
+  Stats<A> st{neg_inf<A>(), A(0), A(0), A(0)};
   for_each_elem<T>(z, V, sp, [&](int64_t, A x) { stats_add<A, ENT>(st, x, it); });
   return block_stats<A, ENT>(st, it, smem);
 }
@@ -343,7 +363,7 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(RowProblem p) {
     __syncthreads();
     if (threadIdx.x == 0 && ok) {
       const A sy = zy * it, py = exp_(sy - lz);
-      g[y] = Elem<T>::from((gl * (A(1) - py) - gh * py * (sy - c)) * it);
+      g[y] = Elem<T>::from((-gl * expm1_(sy - lz) - gh * py * (sy - c)) * it);  // 1 - p_y = -expm1
     }
     __syncthreads();
   }
@@ -383,7 +403,7 @@ __global__ void __launch_bounds__(kBlock) fwd_grad_kernel(RowProblem p) {
       lse[r] = ok ? m * it + ls : static_cast<A>(NAN);
       logp[r] = lp;
       ent[r] = ENT ? ls - st.h / st.s : A(0);
-      if (ok) g[y] = Elem<T>::from(cf * (A(1) - exp_(lp)) * it);
+      if (ok) g[y] = Elem<T>::from(-cf * expm1_(lp) * it);  // coef (1 - p_y) / tau, exact for p_y ≈ 1
     }
     __syncthreads();
   }
