@@ -253,7 +253,7 @@ def _row(impl, kind, ms):
         return dict(base, status="skipped", reason="Liger-Kernel is not installed")
     return dict(base, status="ok", reason="", median_ms=ms, p10_ms=ms * 0.9, p90_ms=ms * 1.2, rounds=5,
                 gbps=500.0 / ms, tflops=None, peak_extra_bytes=int(0.5e9), peak_extra_x_logits=0.5 / 2.097,
-                max_abs_diff=0.0)
+                max_abs_diff=0.0, max_rel_diff=0.0)
 
 
 def test_report_writer_outputs_are_parseable(tmp_path):

@@ -511,10 +511,15 @@ def _memory_guard(case: Case, impl: Impl, device: torch.device) -> Optional[str]
     return None
 
 
-def _max_diff(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[float]:
+def _max_diff(a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[float], Optional[float]]:
+    """``(max |a - b|, max |a - b| / max |b|)``; Nones when there is nothing to compare."""
     if a is None or b is None or a.shape != b.shape:
-        return None
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        return None, None
+    if not a.numel():
+        return 0.0, 0.0
+    diff = float((a.double() - b.double()).abs().max())
+    scale = float(b.double().abs().max())
+    return diff, (diff / scale if scale > 0 else diff)
 
 
 def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick: bool = False,
@@ -530,8 +535,8 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
     ``skipped`` with the time that one call took (the baseline is always timed: speed-ups need it).
 
     The row holds status (``ok``/``skipped``/``error``), the timing statistics, the byte/FLOP model, GB/s,
-    TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size) and ``max_abs_diff`` of the
-    output against ``baseline_out``.
+    TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size), and ``max_abs_diff`` /
+    ``max_rel_diff`` (relative to the largest ``|baseline_out|``) of the output against ``baseline_out``.
     """
     device = torch.device(device)
     row = dict(op=case.op, mode=case.mode, shape=case.shape, S=case.S, T=case.T, V=case.V, H=case.H,
@@ -587,7 +592,7 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
         row["warmup"] = stats.warmup + (2 if impl.compiles else 1)  # untimed calls, the ones above included
         row["gbps"] = row["ideal_bytes"] / (stats.median_ms * 1e-3) / 1e9
         row["tflops"] = None if row["ideal_flops"] is None else row["ideal_flops"] / (stats.median_ms * 1e-3) / 1e12
-        row["max_abs_diff"] = _max_diff(first, baseline_out)
+        row["max_abs_diff"], row["max_rel_diff"] = _max_diff(first, baseline_out)
         del fn
     except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a crashed run
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -23,7 +23,7 @@ from .cases import BASELINE, PEER_NAMES
 STAMP_FIELDS = ("device", "device_name", "torch", "triton", "grpo_kernels", "git_commit", "date")
 ROW_FIELDS = ("op", "mode", "shape", "dtype", "loss_type", "impl", "kind", "status", "reason", "median_ms",
               "p10_ms", "p90_ms", "rounds", "ideal_bytes", "gbps", "pct_copy_bw", "tflops", "peak_extra_bytes",
-              "peak_extra_x_logits", "speedup_vs_eager", "speedup_vs", "max_abs_diff")
+              "peak_extra_x_logits", "speedup_vs_eager", "speedup_vs", "max_abs_diff", "max_rel_diff")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,7 +175,8 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
     lines.append("- ms: median [p10–p90]; GB/s: the ideal byte count of the case (same for every row of a case; "
                  "see `grpo_kernels/bench/harness.py`) / median time; peak extra: memory beyond the inputs at the "
                  "call's peak, and as a multiple of the logits' size; × eager / × peer: that row's time / this "
-                 "row's time; max |Δ|: largest absolute difference of the output (loss or log-probs) from eager")
+                 "row's time; rel. Δ vs eager: largest absolute difference of the output (loss or log-probs) from the "
+                 "eager baseline's, divided by the baseline's largest magnitude")
     lines.append("")
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     groups: Dict[tuple, List[dict]] = OrderedDict()
@@ -185,7 +186,7 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
         peers = [p for p in PEER_NAMES + ("unfused-auto",) if any(p in (r.get("speedup_vs") or {}) for r in grp)]
         flops = any(r.get("tflops") is not None for r in grp)
         head = ["case", "impl", "ms median [p10–p90]", "GB/s", "% copy BW"] + (["TFLOP/s"] if flops else [])
-        head += ["peak extra", "× eager"] + [f"× {p}" for p in peers] + ["max |Δ|"]
+        head += ["peak extra", "× eager"] + [f"× {p}" for p in peers] + ["rel. Δ vs eager"]
         lines += [f"## {op} — {mode}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in grp:
             cells = [_case_label(r), f"`{r['impl']}`",
@@ -195,7 +196,7 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
                 cells.append(_fmt(r.get("tflops")))
             cells += [_fmt_mem(r), _fmt_speedup(r.get("speedup_vs_eager"))]
             cells += [_fmt_speedup((r.get("speedup_vs") or {}).get(p)) for p in peers]
-            d = r.get("max_abs_diff")
+            d = r.get("max_rel_diff")
             cells.append("–" if d is None else f"{d:.1e}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
