@@ -224,6 +224,9 @@ def write_markdown(path: str, meta: Dict[str, object], rows: List[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------
+_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^", "float64": "D"}
+
+
 def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List[str]:
     """One PNG per (op, mode): time and peak extra memory against V, one line per (impl, dtype, loss, tokens)."""
     import matplotlib
@@ -244,13 +247,19 @@ def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List
             label = f"{r['impl']} {r['dtype']}{lt} N={r['S'] * r['T']}{hid}"
             series.setdefault(label, []).append(r)
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        impls = list(OrderedDict.fromkeys(r["impl"] for r in grp))
         for label, pts in series.items():
             pts = sorted(pts, key=lambda r: r["V"])
-            vs = [r["V"] for r in pts]
-            ax_t.plot(vs, [r["median_ms"] for r in pts], marker="o", label=label)
+            r0 = pts[0]
+            # colour = implementation, marker = dtype, line style = loss family
+            style = dict(color=palette[impls.index(r0["impl"]) % len(palette)],
+                         marker=_MARKERS.get(r0["dtype"], "o"),
+                         linestyle="-" if r0["loss_type"] in ("softmax", "-") else "--", label=label)
+            ax_t.plot([r["V"] for r in pts], [r["median_ms"] for r in pts], **style)
             mem = [(r["V"], r["peak_extra_bytes"] / 2 ** 30) for r in pts if r.get("peak_extra_bytes") is not None]
             if mem:
-                ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=label)
+                ax_m.plot([v for v, _ in mem], [m for _, m in mem], **style)
         for ax, title, unit in ((ax_t, "time (median)", "ms"), (ax_m, "peak extra memory", "GiB")):
             ax.set_xlabel("vocabulary V")
             ax.set_ylabel(unit)
