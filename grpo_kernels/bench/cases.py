@@ -528,11 +528,12 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
             ) -> Tuple[dict, Optional[Tensor]]:
     """Time (and measure the peak memory of) ``impl`` on ``case``; returns ``(row, first output)``.
 
-    Order of calls: one call whose output is kept for the correctness guard against ``baseline_out``, under
-    the peak-memory measurement (it also pays lazy initialization and serves as the warm-up); implementations
-    that compile on their first call get a second, measured one. Then the timed calls. With ``call_budget_s``,
-    an implementation whose (measured) call takes longer than that is not timed further: its row is
-    ``skipped`` with the time that one call took (the baseline is always timed: speed-ups need it).
+    Order of calls: one call whose output is kept for the correctness guard against ``baseline_out`` (it pays
+    lazy initialization: loading an extension, compiling; implementations that compile get one more untimed
+    call), one call under the peak-memory measurement (steady state; it is also the warm-up), then the timed
+    calls. With ``call_budget_s``, an implementation whose call takes longer than that (the first call; for
+    those that compile, the memory call) is not timed further: its row is ``skipped`` with the time that one
+    call took (the baseline is always timed: speed-ups need it).
 
     The row holds status (``ok``/``skipped``/``error``), the timing statistics, the byte/FLOP model, GB/s,
     TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size), and ``max_abs_diff`` /
@@ -573,23 +574,25 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
                 held.append(_sync(fn(), device))
             return held[0], time.perf_counter() - t0
 
-        # First call: output for the correctness guard, lazy init, and (unless it compiles) the peak memory.
-        out, seconds = call_once(memory and not impl.compiles)
+        # First call: output for the correctness guard; pays lazy initialization (extension loading, compiling).
+        out, seconds = call_once(False)
         first = None if out is None else out.detach().clone()
         del out
-        if over_budget(seconds):
+        if not impl.compiles and over_budget(seconds):
             return row, first
-        if impl.compiles:  # second call: the first one compiled
-            _, seconds = call_once(memory)
-            if over_budget(seconds):
-                return row, first
+        if impl.compiles:  # one more untimed call: compilation may go on past the first call
+            call_once(False)
+        # Then the peak-memory call (steady state; it is also the warm-up of the timing).
+        _, seconds = call_once(memory)
+        if impl.compiles and over_budget(seconds):
+            return row, first
         overrides = dict(timing_overrides or {})
         if device.type == "cpu":
             overrides.setdefault("warmup", 0)  # the calls above were the warm-up
         stats = _h.time_callable(fn, device, quick=quick, cold_l2=cold_l2, before_each=lambda: clear_grads(inputs),
                                  **overrides)
         row.update(status="ok", reason="", **stats.as_dict())
-        row["warmup"] = stats.warmup + (2 if impl.compiles else 1)  # untimed calls, the ones above included
+        row["warmup"] = stats.warmup + (3 if impl.compiles else 2)  # untimed calls, the ones above included
         row["gbps"] = row["ideal_bytes"] / (stats.median_ms * 1e-3) / 1e9
         row["tflops"] = None if row["ideal_flops"] is None else row["ideal_flops"] / (stats.median_ms * 1e-3) / 1e12
         row["max_abs_diff"], row["max_rel_diff"] = _max_diff(first, baseline_out)
