@@ -142,6 +142,7 @@ def run(args) -> int:
 
     rows = _r.finalize_rows(rows, meta)
     paths = _r.write_all(args.output_dir, meta, rows, plots=not args.no_plots)
+    print(_r.markdown(meta, rows))
     n_ok = sum(r["status"] == "ok" for r in rows)
     print(f"{n_ok}/{len(rows)} rows ran; wrote {paths['json']}, {paths['markdown']}"
           + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else ""), file=sys.stderr)
