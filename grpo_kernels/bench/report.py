@@ -64,11 +64,13 @@ def run_metadata(device, *, copy_bw_gbps: Optional[float], cold_l2: bool, quick:
     except Exception:  # noqa: BLE001
         triton_version = None
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "grpo_kernels", "csrc")
+    # kernel-relevant sources only (the trainer, docs and tests do not change a benchmark number)
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", ":(glob)grpo_kernels/*.py")
+    modified = [line[3:] for line in (dirty or "").splitlines() if line.strip()]
     device = torch.device(device)
     meta = OrderedDict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                        triton=triton_version, grpo_kernels=__version__, git_commit=commit or "unknown",
-                       git_dirty=bool(dirty), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       git_dirty=bool(modified), git_modified=modified, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        torch_threads=torch.get_num_threads(), copy_bw_gbps=copy_bw_gbps, cold_l2=cold_l2, quick=quick,
                        python=platform.python_version(), argv=list(argv) if argv is not None else None)
     if device.type == "cpu":
