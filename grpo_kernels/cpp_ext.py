@@ -34,7 +34,9 @@ BWD_SUPPORTS = ("out",)
 FWD_GRAD = True
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-_CSRC = os.path.join(os.path.dirname(_PKG_DIR), "csrc")
+# csrc/ next to the package (a source checkout / editable install), else inside it (a wheel that ships it)
+_CSRC = next((d for d in (os.path.join(os.path.dirname(_PKG_DIR), "csrc"), os.path.join(_PKG_DIR, "csrc"))
+              if os.path.isfile(os.path.join(d, "ops.cpp"))), os.path.join(os.path.dirname(_PKG_DIR), "csrc"))
 _CPU_SOURCES = ("ops.cpp", "cpu_ops.cpp", "cpu_kernels_default.cpp", "cpu_kernels_avx2.cpp",
                 "cpu_kernels_avx512.cpp")
 _CUDA_SOURCES = ("cuda_ops.cu",)
@@ -67,7 +69,8 @@ def _prebuilt(name: str) -> Optional[str]:
     # An editable install whose csrc/ was edited after the build: the prebuilt library is stale, rebuild (JIT).
     try:
         built = os.path.getmtime(spec.origin)
-        newest = max(os.path.getmtime(os.path.join(_CSRC, f)) for f in os.listdir(_CSRC))
+        exts = (".h", ".cpp") if name == "_C" else (".h", ".cpp", ".cu", ".cuh")
+        newest = max(os.path.getmtime(os.path.join(_CSRC, f)) for f in os.listdir(_CSRC) if f.endswith(exts))
     except (OSError, ValueError):
         return spec.origin
     if newest > built:
