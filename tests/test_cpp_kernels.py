@@ -329,6 +329,24 @@ def test_grpo_loss_gspo_metrics_and_rewards_gradient(device, loss_type):
     torch.testing.assert_close(grk, grt, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("old", [False, True])  # True: the two-pass path (fwd, then bwd written into the logits)
+def test_inplace_backward_through_the_cpp_backend(device, dtype, old):
+    z, tok, m, r = _inputs(dtype, device)
+    kw = dict(group_size=G, loss_type="grpo", temperature=0.9, return_metrics=True)
+    if old:
+        kw["old_logprobs"] = torch.randn(S, T, device=device) * 0.1 - 4
+    zt = z.detach().clone().requires_grad_()
+    lt, _ = gk.grpo_loss(zt, tok, r, m, backend="torch", **kw)
+    lt.backward()
+    h = z.detach().clone().requires_grad_()
+    logits = h * 1  # non-leaf logits, as an LM head produces them
+    lk, _ = gk.grpo_loss(logits, tok, r, m, backend=_backend(device), inplace_backward=True, **kw)
+    lk.backward()
+    torch.testing.assert_close(lk, lt, **_tol(dtype))
+    torch.testing.assert_close(h.grad.double(), zt.grad.double(), **_gtol(dtype))
+
+
 @pytest.mark.parametrize("loss_type", ["softmax", "grpo"])
 def test_fp64_gradcheck(device, loss_type):
     s, t, v = 4, 3, 11
