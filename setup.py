@@ -54,7 +54,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["grpo_kernels", "grpo_kernels.*"]),
-    package_data={"grpo_kernels": ["csrc/*", "data/*"]},
+    package_data={"grpo_kernels": ["data/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
