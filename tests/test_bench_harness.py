@@ -199,6 +199,14 @@ def test_implementations_list_baseline_first_and_explain_skips():
     assert liger.skip_reason  # softmax loss, or not installed: never silently absent
 
 
+def test_max_diff_is_relative_to_at_least_one():
+    base = torch.tensor([1e-9, 4.0], dtype=torch.float64)
+    assert C._max_diff(base + torch.tensor([0.0, 0.5], dtype=torch.float64), base) == (0.5, 0.125)
+    tiny = torch.tensor([1e-9], dtype=torch.float64)  # a loss that is ~0 (clipped loss, ratio 1): absolute
+    assert C._max_diff(tiny * 3, tiny) == (pytest.approx(2e-9), pytest.approx(2e-9))
+    assert C._max_diff(None, base) == (None, None)
+
+
 def test_measure_reports_errors_and_skips_as_rows():
     case = C.Case("grpo_loss", "fwd", 4, 8, 64)
     inputs = C.build_inputs(case, "cpu")
@@ -233,11 +241,15 @@ def test_measure_torch_row_matches_reference_and_model():
     case = C.Case("grpo_loss", "fwd_bwd", 4, 8, 64)
     inputs = C.build_inputs(case, "cpu")
     impl = C.implementations(case, "cpu", include=["torch"])[0]
-    row, out = C.measure(case, impl, "cpu", inputs, quick=True)
+    row, fp = C.measure(case, impl, "cpu", inputs, quick=True)
     assert row["status"] == "ok", row
-    expect = grpo_kernels.reference.grpo_loss(inputs["logits"].detach(), inputs["tokens"], inputs["rewards"],
-                                              group_size=4)
-    torch.testing.assert_close(out, expect)
+    # the fingerprint: loss, then each gradient row's norm, then the gradient at the target class
+    logits = inputs["logits"].detach().clone().requires_grad_()
+    loss = grpo_kernels.reference.grpo_loss(logits, inputs["tokens"], inputs["rewards"], group_size=4)
+    loss.backward()
+    g = logits.grad.reshape(32, 64)
+    expect = torch.cat([loss.detach().reshape(1), g.norm(dim=-1), g.gather(-1, inputs["tokens"].reshape(32, 1))[:, 0]])
+    torch.testing.assert_close(fp, expect.double())
     assert row["ideal_bytes"] == 2 * 32 * 64 * 4 + 8 * 32 + 4 * 4
     assert row["gbps"] == pytest.approx(row["ideal_bytes"] / (row["median_ms"] * 1e-3) / 1e9)
     assert inputs["logits"].grad is None  # gradients dropped after the row

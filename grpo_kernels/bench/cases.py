@@ -511,22 +511,45 @@ def _memory_guard(case: Case, impl: Impl, device: torch.device) -> Optional[str]
     return None
 
 
+def fingerprint(case: Case, out: Optional[Tensor], inputs: Dict[str, Tensor]) -> Optional[Tensor]:
+    """A small fp64 vector that two correct implementations of ``case`` must agree on: the output (loss or
+    log-probs) and, after a backward, each gradient row's L2 norm plus, for the logits ops, the gradient at
+    the target class (the entry where bf16 rounding of ``p_y ≈ 1`` hurts). None when there is nothing."""
+    parts = [] if out is None else [out.detach().double().reshape(-1)]
+    if case.mode == "fwd_bwd":
+        if case.op == "fused_linear":
+            grads = [inputs["hidden"].grad, inputs["weight"].grad]
+        elif "_padded" in inputs:  # Liger's (S, T+1, V) copy of the logits
+            g = inputs["_padded"].grad
+            grads = [None if g is None else g[:, :-1]]
+        else:
+            grads = [inputs["logits"].grad]
+        for g in grads:
+            if g is None:
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            norms = torch.cat([g2[a:a + 1024].float().norm(dim=-1) for a in range(0, g2.shape[0], 1024)])
+            parts.append(norms.double())
+            if case.op in LOGITS_OPS:
+                parts.append(g.gather(-1, inputs["tokens"].unsqueeze(-1)).double().reshape(-1))
+    return torch.cat(parts) if parts else None
+
+
 def _max_diff(a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[float], Optional[float]]:
-    """``(max |a - b|, max |a - b| / max |b|)``; Nones when there is nothing to compare."""
+    """``(max |a - b|, max |a - b| / max(1, max |b|))``; Nones when there is nothing to compare."""
     if a is None or b is None or a.shape != b.shape:
         return None, None
     if not a.numel():
         return 0.0, 0.0
-    diff = float((a.double() - b.double()).abs().max())
-    scale = float(b.double().abs().max())
-    return diff, (diff / scale if scale > 0 else diff)
+    diff = float((a - b).abs().max())
+    return diff, diff / max(1.0, float(b.abs().max()))
 
 
 def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick: bool = False,
             cold_l2: bool = False, memory: bool = True, baseline_out: Optional[Tensor] = None,
             call_budget_s: Optional[float] = None, timing_overrides: Optional[dict] = None
             ) -> Tuple[dict, Optional[Tensor]]:
-    """Time (and measure the peak memory of) ``impl`` on ``case``; returns ``(row, first output)``.
+    """Time (and measure the peak memory of) ``impl`` on ``case``; returns ``(row, fingerprint)``.
 
     Order of calls: one call whose output is kept for the correctness guard against ``baseline_out`` (it pays
     lazy initialization: loading an extension, compiling; implementations that compile get one more untimed
@@ -537,7 +560,9 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
 
     The row holds status (``ok``/``skipped``/``error``), the timing statistics, the byte/FLOP model, GB/s,
     TFLOP/s, the peak extra memory (bytes and as a multiple of the logits' size), and ``max_abs_diff`` /
-    ``max_rel_diff`` (relative to the largest ``|baseline_out|``) of the output against ``baseline_out``.
+    ``max_rel_diff`` of this implementation's :func:`fingerprint` (output and gradients of the first call)
+    against ``baseline_out`` (the baseline's fingerprint); the relative one divides by ``max(1, max |base|)``.
+    The second element of the result is the fingerprint.
     """
     device = torch.device(device)
     row = dict(op=case.op, mode=case.mode, shape=case.shape, S=case.S, T=case.T, V=case.V, H=case.H,
@@ -576,7 +601,7 @@ def measure(case: Case, impl: Impl, device, inputs: Dict[str, Tensor], *, quick:
 
         # First call: output for the correctness guard; pays lazy initialization (extension loading, compiling).
         out, seconds = call_once(False)
-        first = None if out is None else out.detach().clone()
+        first = fingerprint(case, out, inputs)
         del out
         if not impl.compiles and over_budget(seconds):
             return row, first

@@ -177,8 +177,9 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
     lines.append("- ms: median [p10–p90]; GB/s: the ideal byte count of the case (same for every row of a case; "
                  "see `grpo_kernels/bench/harness.py`) / median time; peak extra: memory beyond the inputs at the "
                  "call's peak, and as a multiple of the logits' size; × eager / × peer: that row's time / this "
-                 "row's time; rel. Δ vs eager: largest absolute difference of the output (loss or log-probs) from the "
-                 "eager baseline's, divided by the baseline's largest magnitude")
+                 "row's time; rel. Δ vs eager: largest difference from the eager baseline over the output (loss or "
+                 "log-probs) and, after a backward, each gradient row's norm and the target-class gradient, divided "
+                 "by max(1, largest baseline magnitude)")
     lines.append("")
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     groups: Dict[tuple, List[dict]] = OrderedDict()
