@@ -145,7 +145,8 @@ def curated_cases(device, quick: bool = False) -> List[Case]:
                     C("token_logprobs", "fwd", 16, 512, V, "bfloat16", NO_LOSS)]
         for V in (32000, 151936, 262144):
             out += [C("fused_linear", "fwd_bwd", 16, 512, V, "bfloat16", "grpo", H=4096)]
-        out += [C("fused_linear", "fwd_bwd", 16, 512, 151936, "bfloat16", "softmax", H=4096)]
+        out += [C("fused_linear", "fwd_bwd", 16, 512, 151936, "bfloat16", "softmax", H=4096),
+                C("fused_linear", "fwd", 16, 512, 151936, "bfloat16", "grpo", H=4096)]
         return out
     # CPU: the issue-4 target shape (S=16, T=256, V=32,000 fp32 softmax fwd+bwd), bf16, a clipped loss type,
     # two more vocabularies for the time-vs-V plot (backends only), log-probs alone, and the issue-5
@@ -213,23 +214,23 @@ def build_inputs(case: Case, device, seed: int = 0) -> Dict[str, Tensor]:
     """Random inputs of ``case`` on ``device`` (all tokens valid, no mask). Leaves that need a gradient in
     ``fwd_bwd`` mode have ``requires_grad=True``."""
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # generated where they live: no host round trip
     dt = DTYPES[case.dtype]
     grad = case.mode == "fwd_bwd"
     S, T, V = case.S, case.T, case.V
-    out = {"tokens": torch.randint(0, V, (S, T), generator=g).to(device),
-           "rewards": torch.rand(S, generator=g).to(device)}
+    kw = dict(generator=g, device=device)
+    out = {"tokens": torch.randint(0, V, (S, T), **kw), "rewards": torch.rand(S, **kw)}
     if case.op == "fused_linear":
         H = case.H
-        out["hidden"] = torch.randn(S, T, H, generator=g).to(device=device, dtype=dt).requires_grad_(grad)
-        out["weight"] = (torch.randn(V, H, generator=g) * H ** -0.5).to(device=device, dtype=dt).requires_grad_(grad)
+        out["hidden"] = torch.randn(S, T, H, **kw).to(dt).requires_grad_(grad)
+        out["weight"] = (torch.randn(V, H, **kw) * H ** -0.5).to(dt).requires_grad_(grad)
     else:
         logits = torch.empty(S, T, V, dtype=dt, device=device)
         for s in range(S):  # row by row: no fp32 temporary of the whole tensor
-            logits[s] = (2.0 * torch.randn(T, V, generator=g)).to(device=device, dtype=dt)
+            logits[s] = 2.0 * torch.randn(T, V, **kw)
         out["logits"] = logits.requires_grad_(grad)
         if case.op == "token_logprobs" and grad:
-            out["grad_logp"] = torch.randn(S, T, generator=g).to(device)
+            out["grad_logp"] = torch.randn(S, T, **kw)
     return out
 
 
