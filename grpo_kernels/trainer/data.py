@@ -173,6 +173,10 @@ class GRPODataset(torch.utils.data.Dataset):
         self.num_truncated += truncated
         return out
 
+    def encode_row(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        """Tokenize one raw row dict with this dataset's settings (errors raise :class:`DatasetFormatError`)."""
+        return self._encode(row)
+
     # ------------------------------------------------------------------ dataset protocol
     @property
     def num_skipped(self) -> int:

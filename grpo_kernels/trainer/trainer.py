@@ -345,16 +345,21 @@ class GRPOTrainer:
         logits = self._forward_logits(self.model, rollout, sl)
         return grpo_loss(logits, tokens, rewards[sl], cm, **kw)
 
+    def _prepare(self, batch) -> List[Dict[str, Any]]:
+        """Dataset rows as they are; raw row dicts (``{"prompt": ...}``) are tokenized like the dataset does."""
+        return [r if "prompt_ids" in r else self.train_dataset.encode_row(r) for r in batch]
+
     def training_step(self, batch: List[Dict[str, Any]]) -> Dict[str, float]:
         """Generate → reward → (old/ref log-probs) → ``num_iterations`` optimizer updates on this batch of rows.
 
+        ``batch``: this process's rows (dataset items, or raw row dicts in a dataset format).
         Returns this step's metrics (averaged over ranks): see :meth:`train` for the names.
         """
         cfg, G = self.config, self.G
         t0 = time.perf_counter()
         if not batch:
             raise ValueError("empty batch")
-        rows = list(batch)
+        rows = self._prepare(batch)
         # 1. rollout
         if "response_ids" in rows[0]:
             rollout = self._offline_rollout(rows)

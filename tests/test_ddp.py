@@ -1,0 +1,66 @@
+"""Two CPU processes (gloo) under DDP take the same step as one process with the same global batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from grpo_kernels.demo import build_model, build_tokenizer
+from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+ROWS = [
+    {"prompt": "12=", "responses": ["12", "1", "99", "123"], "rewards": [1.0, 0.5, 0.0, 0.7]},
+    {"prompt": "3456=", "responses": ["3456", "3", "", "0000"], "rewards": [0.2, 0.9, 0.1, 0.0]},
+    {"prompt": "7=", "responses": ["7", "77", "8", "0"], "rewards": [1.0, 0.5, 0.0, 0.0]},
+    {"prompt": "55=", "responses": ["5", "55", "555", "1"], "rewards": [0.5, 1.0, 0.6, 0.0]},
+]
+
+
+def _config(out, per_device, loss_type):
+    return GRPOConfig(output_dir=out, device="cpu", progress_bar=False, plot=False, save_final=False, shuffle=False,
+                      num_generations=4, per_device_batch_size=per_device, learning_rate=1e-2, lr_scheduler="constant",
+                      loss_type=loss_type, max_grad_norm=1.0, max_steps=1)
+
+
+def _run(out, per_device, loss_type):
+    tok = build_tokenizer()
+    model = build_model(tok, seed=11, **TINY)
+    tr = GRPOTrainer(model, GRPODataset(ROWS, tok, num_samples=4), _config(out, per_device, loss_type))
+    metrics = tr.training_step(tr.get_batch(0))
+    return tr, metrics
+
+
+def _worker(rank, world, port, out, loss_type):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        tr, metrics = _run(out, 2, loss_type)
+        assert tr.world_size == world and tr.batch_indices(0) == [2 * rank, 2 * rank + 1]
+        if rank == 0:
+            torch.save({"params": tr.unwrapped.state_dict(), "metrics": metrics}, os.path.join(out, "ddp.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo"])
+def test_two_process_ddp_step_equals_single_process(tmp_path, loss_type):
+    out = str(tmp_path)
+    mp.spawn(_worker, args=(2, _free_port(), out, loss_type), nprocs=2, join=True)
+    got = torch.load(os.path.join(out, "ddp.pt"))
+    single, m1 = _run(out, 4, loss_type)
+    for k, v in single.unwrapped.state_dict().items():
+        torch.testing.assert_close(got["params"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert got["metrics"]["reward"] == pytest.approx(m1["reward"], rel=1e-6)
+    assert got["metrics"]["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6)
+    initial = build_model(build_tokenizer(), seed=11, **TINY).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in got["params"].items())  # the step did move the weights
