@@ -231,7 +231,8 @@ _MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^", "float64": "D"}
 
 
 def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List[str]:
-    """One PNG per (op, mode): time and peak extra memory against V, one line per (impl, dtype, loss, tokens)."""
+    """One PNG per (op, mode): time and peak extra memory against V, one line per (impl, dtype, loss, tokens);
+    horizontal bars per implementation when all the (op, mode)'s cases share one V."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -249,9 +250,12 @@ def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List
             lt = "" if op == "token_logprobs" else f" {r['loss_type']}"
             label = f"{r['impl']} {r['dtype']}{lt} N={r['S'] * r['T']}{hid}"
             series.setdefault(label, []).append(r)
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
         palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         impls = list(OrderedDict.fromkeys(r["impl"] for r in grp))
+        if len({r["V"] for r in grp}) == 1:  # one vocabulary: bars per implementation instead of lines
+            paths.append(_bar_plot(plt, out_dir, op, mode, meta, series, palette, impls))
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(15, 4.5))
         for label, pts in series.items():
             pts = sorted(pts, key=lambda r: r["V"])
             r0 = pts[0]
@@ -270,7 +274,7 @@ def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List
             ax.set_xscale("log")
             ax.grid(True, alpha=0.3)
         ax_t.set_yscale("log")
-        ax_m.legend(fontsize=7, loc="best")
+        ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{meta.get('device_name')} — {meta.get('date')}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}-{mode}.png")
@@ -278,6 +282,29 @@ def write_plots(out_dir: str, meta: Dict[str, object], rows: List[dict]) -> List
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _bar_plot(plt, out_dir: str, op: str, mode: str, meta, series, palette, impls) -> str:
+    labels = list(series)
+    rows = [series[k][0] for k in labels]
+    colors = [palette[impls.index(r["impl"]) % len(palette)] for r in rows]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 0.45 * len(labels) + 2))
+    ax_t.barh(labels, [r["median_ms"] for r in rows], color=colors)
+    ax_t.set_xlabel("ms (median)")
+    ax_m.barh(labels, [(r.get("peak_extra_bytes") or 0) / 2 ** 30 for r in rows], color=colors)
+    ax_m.set_xlabel("peak extra memory (GiB)")
+    ax_m.set_yticklabels([])
+    for ax in (ax_t, ax_m):
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+    ax_t.set_title(f"{op} {mode}, V={rows[0]['V']}: time")
+    ax_m.set_title("peak extra memory")
+    fig.suptitle(f"{meta.get('device_name')} — {meta.get('date')}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{op}-{mode}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_all(out_dir: str, meta: Dict[str, object], rows: List[dict], *, plots: bool = True) -> Dict[str, object]:
