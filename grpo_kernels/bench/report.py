@@ -21,6 +21,7 @@ import torch
 from .cases import BASELINE, PEER_NAMES
 
 STAMP_FIELDS = ("device", "device_name", "torch", "triton", "grpo_kernels", "git_commit", "date")
+EXTRA_STAMP_FIELDS = ("torch_cuda", "git_dirty", "cold_l2", "torch_threads", "copy_bw_gbps")
 ROW_FIELDS = ("op", "mode", "shape", "dtype", "loss_type", "impl", "kind", "status", "reason", "median_ms",
               "p10_ms", "p90_ms", "rounds", "ideal_bytes", "gbps", "pct_copy_bw", "tflops", "peak_extra_bytes",
               "peak_extra_x_logits", "speedup_vs_eager", "speedup_vs", "max_abs_diff", "max_rel_diff")
@@ -69,7 +70,7 @@ def run_metadata(device, *, copy_bw_gbps: Optional[float], cold_l2: bool, quick:
     modified = [line[3:] for line in (dirty or "").splitlines() if line.strip()]
     device = torch.device(device)
     meta = OrderedDict(device=str(device), device_name=device_name(device), torch=torch.__version__,
-                       triton=triton_version, grpo_kernels=__version__, git_commit=commit or "unknown",
+                       torch_cuda=torch.version.cuda, triton=triton_version, grpo_kernels=__version__, git_commit=commit or "unknown",
                        git_dirty=bool(modified), git_modified=modified, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        torch_threads=torch.get_num_threads(), copy_bw_gbps=copy_bw_gbps, cold_l2=cold_l2, quick=quick,
                        python=platform.python_version(), argv=list(argv) if argv is not None else None)
@@ -96,10 +97,8 @@ def finalize_rows(rows: Iterable[dict], meta: Dict[str, object]) -> List[dict]:
         by_case.setdefault(_case_key(r), {})[r["impl"]] = r
     bw = meta.get("copy_bw_gbps")
     for r in rows:
-        for k in STAMP_FIELDS:
+        for k in STAMP_FIELDS + EXTRA_STAMP_FIELDS:
             r[k] = meta.get(k)
-        r["git_dirty"] = meta.get("git_dirty")
-        r["copy_bw_gbps"] = bw
         ok = r.get("status") == "ok"
         r["pct_copy_bw"] = 100.0 * r["gbps"] / bw if ok and bw else None
         same = by_case[_case_key(r)]
