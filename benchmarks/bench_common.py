@@ -8,6 +8,7 @@ Environment:
     GRPO_BENCH_DEVICE  ``cpu`` or ``cuda`` (default: cuda when available).
     GRPO_BENCH_QUICK   ``1``: tiny shapes (a smoke run of the suites in seconds).
     GRPO_BENCH_ROUNDS  timed rounds per benchmark (default 5 on CPU, 50 on CUDA).
+    GRPO_BENCH_MEMORY  ``0``: skip the extra call that measures peak memory (``extra_info["peak_extra_bytes"]``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from grpo_kernels.bench import harness as H
 DEVICE = torch.device(os.environ.get("GRPO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 QUICK = os.environ.get("GRPO_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(os.environ.get("GRPO_BENCH_ROUNDS") or (50 if DEVICE.type == "cuda" else 5))
+MEMORY = os.environ.get("GRPO_BENCH_MEMORY", "1") not in ("", "0")
 IMPLS = C.BACKEND_NAMES + C.PEER_NAMES
 
 
@@ -87,6 +89,12 @@ def run_benchmark(benchmark, case: C.Case, impl_name: str) -> None:
                            iterations=1)
     finally:
         C.clear_grads(inputs)
+    if MEMORY:
+        C.clear_grads(inputs)
+        peak, method = H.peak_extra(fn, DEVICE)
+        C.clear_grads(inputs)
+        benchmark.extra_info.update(peak_extra_bytes=peak, memory_method=method,
+                                    peak_extra_x_logits=None if peak is None else peak / case.logits_bytes())
     stats = getattr(benchmark, "stats", None)
     median = getattr(getattr(stats, "stats", None), "median", None)
     if median:
