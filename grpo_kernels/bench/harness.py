@@ -34,9 +34,10 @@ memory allocated before the call. On CPU, the high-water mark of the process's r
 the call: ``ru_maxrss`` cannot be reset, but Linux resets ``VmHWM`` to the current RSS when ``5`` is written to
 ``/proc/self/clear_refs``; freed heap memory is first returned to the OS (``malloc_trim``) so the call has to
 fault in every page it touches. The extra memory is ``VmHWM after - VmRSS before`` (inputs already resident are
-not counted). This is done in the benchmark process itself, after the timing runs (so lazy initialization is
-already paid); large buffers (> 32 MiB) are always returned to the OS on free by glibc and PyTorch's CPU
-allocator does not cache, so earlier rows cannot hide this row's allocations. Where ``clear_refs`` is not
+not counted). This is done in the benchmark process itself, on a call that is never the implementation's first
+(:func:`grpo_kernels.bench.cases.measure`: lazy initialization such as loading an extension is already paid);
+large buffers (> 32 MiB) are always returned to the OS on free by glibc and PyTorch's CPU allocator does not
+cache, so earlier rows cannot hide this row's allocations. Where ``clear_refs`` is not
 writable (non-Linux), the row reports no memory number and says why.
 """
 
