@@ -44,10 +44,17 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
     with torch.no_grad():
         for a in range(0, S * T, ROW_BLOCK):
             zb, yb = z[a:a + ROW_BLOCK], y[a:a + ROW_BLOCK]
-            lp, h = _ref.token_logprobs(zb, yb, temperature, return_entropy=True)
+            out = _ref.token_logprobs(zb, yb, temperature, return_entropy=with_entropy)
+            lp, h = out if with_entropy else (out, None)
             keep = yb != -100
             logp[a:a + ROW_BLOCK] = lp
-            lse[a:a + ROW_BLOCK] = torch.where(keep, torch.logsumexp(zb.to(acc) / temperature, -1), 0.0)
+            y0 = torch.where(keep, yb, 0).long().unsqueeze(-1)
+            target = zb.gather(-1, y0).squeeze(-1).to(acc) / temperature
+            lse_b = torch.where(keep, target - lp, 0.0)  # ℓ = z_y/τ − lse
+            bad = ~torch.isfinite(lse_b)  # a target logit of -inf: take the log-sum-exp directly
+            if bool(bad.any()):
+                lse_b[bad] = torch.logsumexp(zb[bad].to(acc) / temperature, -1)
+            lse[a:a + ROW_BLOCK] = lse_b
             if with_entropy:
                 ent[a:a + ROW_BLOCK] = h
     return logp.view(S, T), lse.view(S, T), ent.view(S, T)
