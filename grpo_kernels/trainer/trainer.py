@@ -88,10 +88,13 @@ class GRPOTrainer:
             ``config.reward_model_path`` adds a local reward model.
         tokenizer: needed to generate and decode (default: the dataset's).
         ref_model: the frozen reference for the KL term (default: a copy of ``model`` at start when kl_coef > 0).
+        reward_weights: weights of ``reward_funcs`` (default 1.0 each; ``config.reward_weights`` goes with
+            ``config.reward_funcs``).
     """
 
     def __init__(self, model, train_dataset, config: Optional[GRPOConfig] = None,
-                 reward_funcs: Optional[Sequence] = None, tokenizer=None, ref_model=None):
+                 reward_funcs: Optional[Sequence] = None, tokenizer=None, ref_model=None,
+                 reward_weights: Optional[Sequence[float]] = None):
         self.config = cfg = (config or GRPOConfig()).validate()
         self._setup_distributed()
         if cfg.device == "auto":
@@ -122,7 +125,7 @@ class GRPOTrainer:
         self.reward = None
         if train_dataset.kind != "offline_rewards":
             funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
-            weights = None if reward_funcs is not None else cfg.reward_weights
+            weights = reward_weights if reward_funcs is not None else cfg.reward_weights
             if cfg.reward_model_path:
                 rm = RewardModel(cfg.reward_model_path, device=self.device, use_chat_template=cfg.use_chat_template)
                 funcs.append(rm)
@@ -132,7 +135,8 @@ class GRPOTrainer:
         self._seed_everything(cfg.seed + self.rank)
         self.unwrapped = model.to(self.device)
         if cfg.gradient_checkpointing:
-            self.unwrapped.gradient_checkpointing_enable()
+            enable = getattr(self.unwrapped, "activation_checkpointing_enable", None)  # transformers >= 5 name
+            (enable or self.unwrapped.gradient_checkpointing_enable)()
             self.unwrapped.config.use_cache = False
         self.ref_model = None
         if cfg.kl_coef > 0:
