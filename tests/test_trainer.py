@@ -140,6 +140,16 @@ def test_gradient_accumulation_matches_one_batch(tok, tmp_path, loss_type):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_gradient_checkpointing_same_step(tok, tmp_path):
+    a, b = build_model(tok, seed=9, **TINY), build_model(tok, seed=9, **TINY)
+    ds = GRPODataset(OFFLINE, tok, num_samples=4)
+    GRPOTrainer(a, ds, cfg(tmp_path)).training_step(OFFLINE)
+    GRPOTrainer(b, ds, cfg(tmp_path, gradient_checkpointing=True)).training_step(OFFLINE)
+    assert getattr(b, "is_activation_checkpointing", None) or b.is_gradient_checkpointing
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("loss_type", ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"])
 def test_every_loss_type_and_fused_linear_agree(tok, tmp_path, loss_type):
     """One step with each loss type; fused_linear (hidden states + lm_head) gives the same parameters."""
