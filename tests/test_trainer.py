@@ -77,6 +77,15 @@ def test_generation_logprobs_match_training_forward(tok, tmp_path):
     assert cm[:, 0].all() and (cm.sum(1) <= 6).all()
     again = tr._policy_logprobs(model, rollout)
     torch.testing.assert_close(logprobs, again, atol=1e-4, rtol=1e-4)
+    tr.max_score_values = 0  # large-vocabulary path: log-probs from a chunked forward pass, same numbers
+    torch.manual_seed(5)
+    r1 = tr.generate_responses([r["prompt_ids"] for r in ds], num_samples=4)
+    tr.max_score_values = 2 ** 27
+    torch.manual_seed(5)
+    r2 = tr.generate_responses([r["prompt_ids"] for r in ds], num_samples=4)
+    assert torch.equal(r1.completion_ids, r2.completion_ids)
+    torch.testing.assert_close(r1.logprobs, r2.logprobs, atol=1e-4, rtol=1e-4)
+    assert tr.generate_responses([r["prompt_ids"] for r in ds], num_samples=2, return_logprobs=False).logprobs is None
     for text, ids, m in zip(responses, rollout.completion_ids, cm):
         assert text == tok.decode(ids[:int(m.sum())], skip_special_tokens=True)
 

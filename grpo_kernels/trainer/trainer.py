@@ -80,6 +80,9 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable
 class GRPOTrainer:
     """Lean GRPO trainer for Hugging Face causal LMs.
 
+    ``max_score_values`` (class attribute, 2**27): above this many ``S·C·V`` values, ``generate_responses``
+    computes log-probs by a chunked forward pass instead of keeping the sampling logits.
+
     Args:
         model: a ``transformers`` causal LM (``generate``, ``logits_to_keep``), on any device.
         train_dataset: a :class:`GRPODataset`, a JSONL path or a list of row dicts (see ``trainer/data.py``).
@@ -91,6 +94,8 @@ class GRPOTrainer:
         reward_weights: weights of ``reward_funcs`` (default 1.0 each; ``config.reward_weights`` goes with
             ``config.reward_funcs``).
     """
+
+    max_score_values = 2 ** 27
 
     def __init__(self, model, train_dataset, config: Optional[GRPOConfig] = None,
                  reward_funcs: Optional[Sequence] = None, tokenizer=None, ref_model=None,
@@ -253,10 +258,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the lesson's three methods
     @torch.no_grad()
-    def generate_responses(self, prompts, num_samples: Optional[int] = None) -> Rollout:
+    def generate_responses(self, prompts, num_samples: Optional[int] = None, return_logprobs: bool = True) -> Rollout:
         """Sample ``num_samples`` responses for each prompt (strings, or lists of token ids).
 
         Returns a :class:`Rollout` (unpacks as ``responses, logprobs``); rows ``i*G … i*G+G-1`` answer prompt ``i``.
+        The log-probs come from the sampling logits when they are small (``S·C·V <`` ``max_score_values``), otherwise from
+        a no-grad forward pass in row chunks (the ``[S, C, V]`` logits are never all kept); ``return_logprobs=False``
+        skips them (``logprobs`` is then None).
         """
         G = num_samples or self.G
         cfg = self.config
@@ -274,7 +282,10 @@ class GRPOTrainer:
         gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                                    top_k=cfg.top_k if cfg.top_k > 0 else None, max_new_tokens=cfg.max_new_tokens,
                                    pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=None,
-                                   output_logits=True, return_dict_in_generate=True, use_cache=True)
+                                   output_logits=False, return_dict_in_generate=True, use_cache=True)
+        vocab = self.unwrapped.get_output_embeddings().weight.shape[0]
+        from_scores = return_logprobs and ids.shape[0] * cfg.max_new_tokens * vocab < self.max_score_values
+        gen_cfg.output_logits = from_scores
         model = self.unwrapped
         was_training = model.training
         model.eval()
@@ -285,9 +296,13 @@ class GRPOTrainer:
         comp = out.sequences[:, ids.shape[1]:]
         cmask = self._completion_mask(comp)
         comp = comp.masked_fill(~cmask, self.pad_id)
-        logits = torch.stack(out.logits, dim=1).float()  # (S, C, V) raw scores
-        lp = _ref.token_logprobs(logits, comp, cfg.temperature) * cmask
-        return Rollout(self._decode(comp, cmask), lp, comp, cmask, ids, pm)
+        rollout = Rollout(self._decode(comp, cmask), None, comp, cmask, ids, pm)
+        if from_scores:
+            logits = torch.stack(out.logits, dim=1).float()  # (S, C, V) raw scores
+            rollout.logprobs = _ref.token_logprobs(logits, comp, cfg.temperature) * cmask
+        elif return_logprobs:
+            rollout.logprobs = self._policy_logprobs(self.unwrapped, rollout)
+        return rollout
 
     def compute_rewards(self, prompts: Sequence[str], responses: Sequence[str], **columns):
         """Rewards for ``responses`` (``prompts`` aligned with them): ``(rewards (N,) fp32, {name: (N,)})``."""
@@ -328,9 +343,21 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _policy_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        tokens = rollout.completion_ids.masked_fill(~rollout.completion_mask, -100)
-        logits = self._forward_logits(model, rollout, slice(None))
-        return _ref.token_logprobs(logits.float(), tokens, self.config.temperature) * rollout.completion_mask
+        """``(S, C)`` completion log-probs under ``model`` (no grad), computed in chunks of one micro-batch of rows."""
+        cfg = self.config
+        S = rollout.completion_ids.shape[0]
+        rows = max(1, cfg.per_device_batch_size // cfg.gradient_accumulation_steps) * self.G
+        was_training = model.training
+        model.eval()  # no dropout in the behaviour/reference log-probs
+        out = []
+        for i in range(0, S, rows):
+            sl = slice(i, min(S, i + rows))
+            cm = rollout.completion_mask[sl]
+            tokens = rollout.completion_ids[sl].masked_fill(~cm, -100)
+            logits = self._forward_logits(model, rollout, sl)
+            out.append(_ref.token_logprobs(logits.float(), tokens, cfg.temperature) * cm)
+        model.train(was_training)
+        return torch.cat(out, 0)
 
     def _loss(self, rollout: Rollout, sl: slice, rewards, old_lp, ref_lp):
         cfg = self.config
@@ -345,7 +372,11 @@ class GRPOTrainer:
         if self._fused_linear is not None:
             hidden = self._forward_logits(self.model, rollout, sl, with_hidden=True)
             head = self.unwrapped.get_output_embeddings()
-            return self._fused_linear(hidden, head.weight, tokens, rewards[sl], cm, bias=head.bias, **kw)
+            w, b = head.weight, head.bias
+            if w.dtype != hidden.dtype:  # bf16 autocast over an fp32 model: the head runs in bf16, as autocast would
+                w = w.to(hidden.dtype)
+                b = None if b is None else b.to(hidden.dtype)
+            return self._fused_linear(hidden, w, tokens, rewards[sl], cm, bias=b, **kw)
         logits = self._forward_logits(self.model, rollout, sl)
         return grpo_loss(logits, tokens, rewards[sl], cm, **kw)
 
@@ -368,7 +399,7 @@ class GRPOTrainer:
         if "response_ids" in rows[0]:
             rollout = self._offline_rollout(rows)
         else:
-            rollout = self.generate_responses([r["prompt_ids"] for r in rows], G)
+            rollout = self.generate_responses([r["prompt_ids"] for r in rows], G, return_logprobs=False)
         # 2. rewards
         per_fn: Dict[str, torch.Tensor] = {}
         if "rewards" in rows[0]:
