@@ -91,12 +91,12 @@ def build_demo(args, overrides: dict):
     from . import demo
     from .trainer.config import GRPOConfig
 
-    d = dict(demo.DEMO_DEFAULTS)
+    digits = args.demo_digits or demo.DEMO_NUM_DIGITS
+    d = dict(demo.DEMO_DEFAULTS, max_new_tokens=digits + 1)  # the digits, then <eos>
     d.update(overrides)
     cfg = GRPOConfig.from_dict(d)
     tok = demo.build_tokenizer()
     model = demo.build_model(tok, seed=cfg.seed, **demo.DEMO_MODEL)
-    digits = args.demo_digits or demo.DEMO_NUM_DIGITS
     rows = demo.make_copy_rows(demo.DEMO_NUM_PROMPTS, digits, seed=cfg.seed)
     return model, tok, rows, cfg
 
