@@ -15,6 +15,7 @@ from .backends import available_backends
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
 from .loss import GRPOLoss, grpo_loss, token_logprobs
 from .reference import compute_grpo_loss, group_advantages, group_weights
+from .trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
 __all__ = [
     "__version__",
@@ -27,4 +28,7 @@ __all__ = [
     "group_weights",
     "group_advantages",
     "available_backends",
+    "GRPOConfig",
+    "GRPODataset",
+    "GRPOTrainer",
 ]
