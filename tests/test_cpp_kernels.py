@@ -489,9 +489,8 @@ def test_bad_row_tensors_and_out(device):
         cx.logprobs_fwd_grad(z, tok, keep, row, 1.0, False, out=torch.empty(1, 1, 7, device=device).expand(2, 3, 7))
 
 
+@pytest.mark.gpu
 def test_cuda_tensors_on_the_cpu_op_are_refused():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to make a CUDA tensor")
     z, tok, keep, _ = _good("cpu")
     with pytest.raises((ValueError, RuntimeError), match="device"):
         _ops().logprobs_fwd(z, tok.cuda(), keep, 1.0, False)
