@@ -206,16 +206,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
 
     grads = None
     if need_grad:
-        if one_phase:
-            coef = _loss.logprob_coefficients(m, rewards, **kw)
-        else:
-            with torch.enable_grad():
-                lp_leaf = logp.view(S, T).clone().requires_grad_(True)
-                kwd = dict(kw)
-                if kwd.get("advantages") is not None:
-                    kwd["advantages"] = kwd["advantages"].detach()
-                obj = _ref.loss_from_logprobs(lp_leaf, m, None if rewards is None else rewards.detach(), **kwd)
-                (coef,) = torch.autograd.grad(obj, lp_leaf)
+        # one phase: c does not depend on ℓ (taken at ℓ = 0); two phases: c at the log-probs of phase 1
+        coef = _loss.logprob_coefficients(m, rewards, at=None if one_phase else logp.view(S, T), **kw)
         coef2 = coef.reshape(-1).to(acc)
         want_h = hidden.requires_grad
         want_w = weight.requires_grad

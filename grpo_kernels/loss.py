@@ -136,22 +136,26 @@ def coefficients_are_constant(*, loss_type: str, old_logprobs, ref_logprobs, kl_
     return loss_type == "softmax" or old_logprobs is None
 
 
-def logprob_coefficients(mask: Tensor, rewards: Optional[Tensor], **kw) -> Tensor:
-    """``c = ∂loss/∂ℓ`` of shape ``(S, T)`` for a loss with :func:`coefficients_are_constant`.
+def logprob_coefficients(mask: Tensor, rewards: Optional[Tensor], at: Optional[Tensor] = None, **kw) -> Tensor:
+    """``c = ∂loss/∂ℓ`` of shape ``(S, T)``, by differentiating the one eager formulation
+    (:func:`reference.loss_from_logprobs`) -- no second copy of the normalizers.
 
-    Obtained by differentiating the one eager formulation (:func:`reference.loss_from_logprobs`) at ℓ = 0,
-    which is exact because the loss is affine in ℓ there (no second copy of the normalizers). Rewards and
-    advantages are detached: their own gradient comes from the loss value.
+    ``at`` is the ``(S, T)`` log-probs to differentiate at; by default ℓ = 0, which is exact for a loss with
+    :func:`coefficients_are_constant` (its gradient does not depend on ℓ). Rewards and advantages are detached:
+    their own gradient comes from the loss value.
     """
     kw = dict(kw)
     if kw.get("advantages") is not None:
         kw["advantages"] = kw["advantages"].detach()
     r = rewards.detach() if rewards is not None else None
     with torch.enable_grad():
-        l0 = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device, requires_grad=True)
-        loss = _ref.loss_from_logprobs(l0, mask, r, **kw)
-        (coef,) = torch.autograd.grad(loss, l0, allow_unused=True)
-    return torch.zeros_like(l0) if coef is None else coef
+        if at is None:
+            leaf = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device, requires_grad=True)
+        else:
+            leaf = at.detach().clone().requires_grad_(True)
+        loss = _ref.loss_from_logprobs(leaf, mask, r, **kw)
+        (coef,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if coef is None else coef
 
 
 def token_logprobs(logits: Tensor,  # (..., V)
