@@ -4,7 +4,7 @@ The tokens are processed in chunks of ``chunk_size`` rows. For each chunk: the l
 (``hidden_c @ weight.T + bias``, a matmul in the input dtype with fp32 accumulation), the fused
 log-prob/gradient kernel *in place in the chunk buffer* (``logprobs_fwd_grad``: the buffer turns into
 ``∂loss/∂logits``), then ``grad_hidden`` of the chunk (``grad_c @ weight``) and the accumulation of
-``grad_weight`` (fp32 accumulator, cast once at the end) and ``grad_bias``. Rows that are masked (or whose
+``grad_weight`` (see *Accumulating grad_weight* below) and ``grad_bias`` (fp32). Rows that are masked (or whose
 token is ``-100``) are skipped entirely: no matmul, no kernel.
 
 Two schedules:
@@ -16,9 +16,22 @@ Two schedules:
   ``c = ∂loss/∂ℓ`` comes from autograd on the eager :func:`reference.loss_from_logprobs` over the whole batch,
   and phase 2 is the one-phase loop with that ``c`` (3 GEMMs). Memory stays flat in both.
 
-Peak extra memory: one chunk of logits (``chunk × V`` in the input dtype), the fp32 ``grad_weight``
-accumulator (``V × H``), ``grad_hidden`` (the size of ``hidden``) and ``[S, T]`` vectors -- independent of
-``S·T`` beyond the gradients autograd has to return anyway.
+Accumulating grad_weight (``grad_weight_accumulation``), for half-precision weights:
+
+* ``"fp32"``: a ``V × H`` fp32 accumulator, each chunk's ``grad_c.T @ hidden_c`` added to it (in slabs of the
+  vocabulary, so the temporary stays ~64 MiB), cast to the weight's dtype once at the end. Most accurate; costs
+  ``4·V·H`` bytes beyond the gradient itself (2.5 GB at V=151,936, H=4,096) and an fp32 read-modify-write of it
+  per chunk.
+* ``"weight"``: ``grad_weight`` is accumulated in the weight's dtype by the GEMM itself
+  (``addmm_``, fp32 accumulation inside each GEMM, one rounding per chunk) -- no extra ``V × H`` memory. With
+  ``k`` chunks the gradient is rounded ``k`` times instead of once.
+* ``"auto"`` (default): ``"fp32"`` when that accumulator takes at most 1 GiB (``V·H ≤ 2**28``), else ``"weight"``.
+
+fp32/fp64 weights always accumulate in their own dtype (the modes coincide).
+
+Peak extra memory: one chunk of logits (``chunk × V`` in the input dtype), the ``grad_weight`` accumulator
+(``V × H``; fp32 only under ``"fp32"``), ``grad_hidden`` (the size of ``hidden``) and ``[S, T]`` vectors --
+independent of ``S·T`` beyond the gradients autograd has to return anyway.
 """
 
 from __future__ import annotations
@@ -37,12 +50,15 @@ from . import validation as _v
 Tensor = torch.Tensor
 
 _CPU_CHUNK_BYTES = 64 << 20  # logits bytes per chunk on CPU (big enough for efficient GEMMs)
-_GPU_CHUNK_BYTES = 1 << 30  # upper bound on GPU; also at most 1/8 of the free memory
+_GPU_CHUNK_BYTES = 512 << 20  # upper bound on GPU (with grad_weight, fits 2 GiB extra at V=151,936, H=4,096)
+_FP32_ACCUMULATOR_MAX_BYTES = 1 << 30  # "auto" uses an fp32 grad_weight accumulator up to this size
+_SLAB_BYTES = 64 << 20  # temporary of one slab of grad_c.T @ hidden_c under "fp32" accumulation
+GRAD_WEIGHT_ACCUMULATIONS = ("auto", "fp32", "weight")
 
 
 def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                        device: torch.device) -> int:
-    """Rows per chunk: the chunk's logits take about 64 MiB on CPU, and on GPU ``min(1 GiB, free/8)``;
+    """Rows per chunk: the chunk's logits take about 64 MiB on CPU, and on GPU ``min(512 MiB, free/8)``;
     a multiple of 64 rows (at least 64), never more than ``num_rows``. ``hidden_size`` is unused today
     (the ``V × H`` gradient accumulator does not depend on the chunk) but kept in the signature."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -52,6 +68,33 @@ def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int, dtype: 
         budget = max(64 << 20, min(_GPU_CHUNK_BYTES, free // 8))
     rows = max(64, (budget // max(1, vocab_size * elt)) // 64 * 64)
     return max(1, min(rows, num_rows))
+
+
+def grad_weight_accumulator_dtype(accumulation: str, weight_dtype: torch.dtype, vocab_size: int,
+                                  hidden_size: int) -> torch.dtype:
+    """The dtype ``grad_weight`` is accumulated in for ``grad_weight_accumulation=accumulation`` (see the
+    module docstring): the weight's own dtype for fp32/fp64 weights; for half precision, fp32 under ``"fp32"``,
+    the weight's dtype under ``"weight"``, and under ``"auto"`` fp32 when ``4·V·H`` bytes ≤ 1 GiB."""
+    if accumulation not in GRAD_WEIGHT_ACCUMULATIONS:
+        raise ValueError(f"grad_weight_accumulation must be one of {GRAD_WEIGHT_ACCUMULATIONS}, got {accumulation!r}")
+    if weight_dtype in (torch.float32, torch.float64):
+        return weight_dtype
+    if accumulation == "auto":
+        accumulation = "fp32" if 4 * vocab_size * hidden_size <= _FP32_ACCUMULATOR_MAX_BYTES else "weight"
+    return torch.float32 if accumulation == "fp32" else weight_dtype
+
+
+def _accumulate_grad_weight(grad_w: Tensor, g: Tensor, hc: Tensor) -> None:
+    """``grad_w += g.T @ hc``. Same dtype: one ``addmm_`` (fp32 accumulation inside the GEMM). fp32 accumulator
+    with half-precision ``g``/``hc``: slab by slab of the vocabulary, so the half-precision product temporary
+    stays ~64 MiB instead of ``V × H``."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), hc)
+        return
+    V, H = grad_w.shape
+    slab = max(1, _SLAB_BYTES // max(1, H * g.element_size()))
+    for v0 in range(0, V, slab):
+        grad_w[v0:v0 + slab] += g[:, v0:v0 + slab].t() @ hc
 
 
 def _check_linear_args(hidden, weight, bias, chunk_size) -> None:
@@ -117,7 +160,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            num_items_in_batch=None,
                            importance_sampling_level: str = "token",
                            return_metrics: bool = False,
-                           backend: str = "auto"):
+                           backend: str = "auto",
+                           grad_weight_accumulation: str = "auto"):
     """GRPO loss of ``logits = hidden @ weight.T + bias`` without materializing the ``[S, T, V]`` logits.
 
     Same losses, keywords, metrics and validation as :func:`grpo_kernels.grpo_loss`; gradients flow to
@@ -132,9 +176,11 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         group_size: responses per prompt, G.
         bias: optional ``(V,)`` LM-head bias.
         chunk_size: rows of logits built at a time (default: :func:`default_chunk_size`, ~64 MiB of logits on
-            CPU, ``min(1 GiB, free/8)`` on GPU).
+            CPU, ``min(512 MiB, free/8)`` on GPU).
         backend: kernel for the per-chunk log-prob/gradient: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``
             or ``"cpu"`` (the GEMMs are always torch's).
+        grad_weight_accumulation: ``"auto"`` (default), ``"fp32"`` or ``"weight"``: what half-precision
+            ``grad_weight`` is accumulated in across chunks (module docstring; fp32/fp64 weights: no effect).
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs), or ``(loss, metrics)`` with ``return_metrics=True``.
@@ -147,6 +193,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     _check_linear_args(hidden, weight, bias, chunk_size)
     S, T, H = hidden.shape
     V = weight.shape[0]
+    grad_w_dtype = grad_weight_accumulator_dtype(grad_weight_accumulation, weight.dtype, V, H)
     kw = dict(group_size=group_size, loss_type=loss_type, beta=beta, old_logprobs=old_logprobs,
               ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
               scale_rewards=scale_rewards, advantages=advantages, max_completion_length=max_completion_length,
@@ -213,10 +260,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         want_w = weight.requires_grad
         want_b = bias is not None and bias.requires_grad
         grad_h = torch.zeros_like(h2) if want_h else None
-        grad_w = torch.zeros(V, H, dtype=torch.float32 if acc == torch.float32 else acc,
-                             device=hidden.device) if want_w else None
-        grad_b = torch.zeros(V, dtype=grad_w.dtype if grad_w is not None else acc,
-                             device=hidden.device) if want_b else None
+        grad_w = torch.zeros(V, H, dtype=grad_w_dtype, device=hidden.device) if want_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=hidden.device) if want_b else None
         with torch.no_grad():
             for a in range(0, n, chunk):
                 idx = rows[a:a + chunk]
@@ -233,10 +278,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                 if grad_h is not None:
                     grad_h.index_copy_(0, idx, g @ w)
                 if grad_w is not None:
-                    if g.dtype == grad_w.dtype:
-                        grad_w.addmm_(g.t(), hc)
-                    else:
-                        grad_w += (g.t() @ hc).to(grad_w.dtype)
+                    _accumulate_grad_weight(grad_w, g, hc)
                 if grad_b is not None:
                     grad_b += g.sum(0, dtype=grad_b.dtype)
                 del z, g, hc
@@ -261,7 +303,7 @@ class FusedLinearGRPOLoss(nn.Module):
         >>> loss = crit(hidden, lm_head.weight, tokens, rewards, mask, bias=lm_head.bias)
     """
 
-    _DEFAULTS = dict(_loss._LOSS_DEFAULTS, chunk_size=None)
+    _DEFAULTS = dict(_loss._LOSS_DEFAULTS, chunk_size=None, grad_weight_accumulation="auto")
     _DEFAULTS.pop("inplace_backward")
 
     def __init__(self, group_size: int, **kwargs):

@@ -164,13 +164,78 @@ def test_all_masked_batch():
     (dict(rewards=torch.randn(5, dtype=torch.float64)), ValueError, "rewards must have one value per sequence"),
     (dict(group_size=4), ValueError, "group_size"),
     (dict(backend="tpu"), ValueError, "backend"),
+    (dict(grad_weight_accumulation="bf16"), ValueError, "grad_weight_accumulation must be one of"),
 ])
 def test_bad_input(change, exc, match):
     hidden, weight, bias, tokens, mask, rewards, _, _ = _case()
     args = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, rewards=rewards, chunk_size=None,
-                group_size=3, backend="auto")
+                group_size=3, backend="auto", grad_weight_accumulation="auto")
     args.update(change)
     with pytest.raises(exc, match=match):
         gk.fused_linear_grpo_loss(args["hidden"], args["weight"], args["tokens"], args["rewards"], mask,
                                   group_size=args["group_size"], bias=args["bias"], chunk_size=args["chunk_size"],
-                                  backend=args["backend"])
+                                  backend=args["backend"], grad_weight_accumulation=args["grad_weight_accumulation"])
+
+
+@pytest.mark.parametrize("accumulation, dtype, V, H, expected", [
+    ("auto", torch.bfloat16, 151936, 4096, torch.bfloat16),  # fp32 accumulator would be 2.5 GB
+    ("auto", torch.bfloat16, 32000, 4096, torch.float32),  # 524 MB
+    ("auto", torch.float16, 65536, 4096, torch.float32),  # exactly 1 GiB
+    ("auto", torch.float16, 65537, 4096, torch.float16),
+    ("fp32", torch.bfloat16, 151936, 4096, torch.float32),
+    ("weight", torch.bfloat16, 100, 16, torch.bfloat16),
+    ("weight", torch.float32, 100, 16, torch.float32),
+    ("fp32", torch.float64, 100, 16, torch.float64),
+])
+def test_grad_weight_accumulator_dtype(accumulation, dtype, V, H, expected):
+    from grpo_kernels.fused_linear import grad_weight_accumulator_dtype
+    assert grad_weight_accumulator_dtype(accumulation, dtype, V, H) == expected
+
+
+def _bf16_weight_grad_error(fn, S=8, T=16, H=64, V=500, G=4):
+    """Relative (Frobenius) error of bf16 grad_weight against the fp64 truth."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(S, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    tokens = torch.randint(0, V, (S, T), generator=g)
+    rewards = torch.randn(S, generator=g, dtype=torch.float64)
+
+    def grad(f, dtype):
+        w = weight.to(dtype).clone().requires_grad_(True)
+        f(hidden.to(dtype), w, tokens, rewards.to(torch.float64 if dtype == torch.float64 else torch.float32),
+          G).backward()
+        assert w.grad.dtype == dtype
+        return w.grad.double()
+
+    def eager(h, w, y, r, G):
+        return ref.grpo_loss(h @ w.t(), y, r, group_size=G, loss_type="grpo")
+
+    truth = grad(eager, torch.float64)
+    return ((grad(fn, torch.bfloat16) - truth).norm() / truth.norm()).item(), \
+        ((grad(eager, torch.bfloat16) - truth).norm() / truth.norm()).item()
+
+
+@pytest.mark.parametrize("accumulation, chunk_size, factor", [
+    ("fp32", 32, 1.3), ("weight", 32, 1.5), ("weight", 128, 1.0 + 1e-6),  # 128 = one chunk: rounded once
+])
+def test_grad_weight_accumulation_accuracy(accumulation, chunk_size, factor, monkeypatch):
+    """bf16 grad_weight: fp32 accumulation stays within eager's error, accumulation in bf16 (4 chunks) within
+    1.5x of it, and with a single chunk is as accurate as eager (one rounding)."""
+    import grpo_kernels.fused_linear as fl
+    monkeypatch.setattr(fl, "_SLAB_BYTES", 64 * 100 * 2)  # several vocabulary slabs per chunk
+
+    def fused(h, w, y, r, G):
+        return gk.fused_linear_grpo_loss(h, w, y, r, group_size=G, loss_type="grpo", chunk_size=chunk_size,
+                                         grad_weight_accumulation=accumulation, backend="torch")
+
+    err, eager_err = _bf16_weight_grad_error(fused)
+    assert 0 < err <= factor * eager_err, (err, eager_err)
+
+
+def test_module_accepts_grad_weight_accumulation():
+    hidden, weight, bias, tokens, mask, rewards, _, _ = _case()
+    crit = gk.FusedLinearGRPOLoss(group_size=3, grad_weight_accumulation="weight", chunk_size=4)
+    assert "grad_weight_accumulation='weight'" in repr(crit)
+    loss = crit(hidden, weight, tokens, rewards, mask, bias=bias)
+    eager = ref.grpo_loss(hidden @ weight.t() + bias, tokens, rewards, mask, group_size=3)
+    torch.testing.assert_close(loss, eager, rtol=1e-10, atol=1e-12)
