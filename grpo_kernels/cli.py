@@ -16,6 +16,8 @@ _SUBCOMMANDS = {
     "info": ("grpo_kernels.cli", "versions, available backends and devices"),
     "train": ("grpo_kernels.train_cli", "train a policy with GRPO (no arguments: the built-in CPU demo)"),
     "bench": ("grpo_kernels.bench.cli", "benchmark every backend and the peers; write tables and plots"),
+    "sweep": ("grpo_kernels.bench.sweep", "sweep the Triton kernels' launch parameters (block_v, num_warps, "
+                                          "programs) on a GPU"),
 }
 
 

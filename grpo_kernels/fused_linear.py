@@ -19,7 +19,7 @@ Two schedules:
 Accumulating grad_weight (``grad_weight_accumulation``), for half-precision weights:
 
 * ``"fp32"``: a ``V × H`` fp32 accumulator, each chunk's ``grad_c.T @ hidden_c`` added to it (in slabs of the
-  vocabulary, so the temporary stays ~64 MiB), cast to the weight's dtype once at the end. Most accurate; costs
+  vocabulary, so the temporaries stay under ~50 MiB), cast to the weight's dtype once at the end. Most accurate; costs
   ``4·V·H`` bytes beyond the gradient itself (2.5 GB at V=151,936, H=4,096) and an fp32 read-modify-write of it
   per chunk.
 * ``"weight"``: ``grad_weight`` is accumulated in the weight's dtype by the GEMM itself
@@ -52,7 +52,7 @@ Tensor = torch.Tensor
 _CPU_CHUNK_BYTES = 64 << 20  # logits bytes per chunk on CPU (big enough for efficient GEMMs)
 _GPU_CHUNK_BYTES = 512 << 20  # upper bound on GPU (with grad_weight, fits 2 GiB extra at V=151,936, H=4,096)
 _FP32_ACCUMULATOR_MAX_BYTES = 1 << 30  # "auto" uses an fp32 grad_weight accumulator up to this size
-_SLAB_BYTES = 64 << 20  # temporary of one slab of grad_c.T @ hidden_c under "fp32" accumulation
+_SLAB_BYTES = 16 << 20  # one slab of grad_c.T @ hidden_c under "fp32" accumulation (+ its fp32 copy on CPU)
 GRAD_WEIGHT_ACCUMULATIONS = ("auto", "fp32", "weight")
 
 
@@ -86,8 +86,8 @@ def grad_weight_accumulator_dtype(accumulation: str, weight_dtype: torch.dtype, 
 
 def _accumulate_grad_weight(grad_w: Tensor, g: Tensor, hc: Tensor) -> None:
     """``grad_w += g.T @ hc``. Same dtype: one ``addmm_`` (fp32 accumulation inside the GEMM). fp32 accumulator
-    with half-precision ``g``/``hc``: slab by slab of the vocabulary, so the half-precision product temporary
-    stays ~64 MiB instead of ``V × H``."""
+    with half-precision ``g``/``hc``: slab by slab of the vocabulary, so the half-precision product (16 MiB)
+    and the fp32 copy CPU's mixed-dtype ``+=`` makes of it stay small instead of ``V × H``."""
     if g.dtype == grad_w.dtype:
         grad_w.addmm_(g.t(), hc)
         return

@@ -346,3 +346,58 @@ def test_cli_group_size_mismatch(tmp_path, capsys):
 def test_cli_cuda_without_a_gpu(tmp_path, capsys):
     rc = main(["bench", "--device", "cuda", "--output-dir", str(tmp_path)])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grpo-kernels sweep (Triton launch parameters): runs under the interpreter on tiny shapes
+# ----------------------------------------------------------------------------------------------------------
+def test_sweep_quick_under_interpreter(tmp_path, triton_interpret, capsys):
+    pytest.importorskip("triton")
+    out = tmp_path / "sweep.json"
+    rc = main(["sweep", "--device", "cpu", "--quick", "--kernels", "fwd,fwd_grad", "--block-v", "auto,64",
+               "--programs", "auto,2", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    # fwd: 2 block_v; fwd_grad: 2 block_v x 2 programs; programs are multiples of the SM count (1 on CPU)
+    got = sorted((r["kernel"], r["block_v"] or 0, r["programs"] or 0) for r in rows)  # 0 = auto
+    assert got == [("fwd", 0, 0), ("fwd", 64, 0), ("fwd_grad", 0, 0), ("fwd_grad", 0, 2), ("fwd_grad", 64, 0),
+                   ("fwd_grad", 64, 2)]
+    for r in rows:
+        assert r["match"] is True and r["ms"] > 0 and r["V"] == 300 and r["N"] == 8
+        assert r["gbps"] == pytest.approx({"fwd": 1, "fwd_grad": 2}[r["kernel"]] * 8 * 300 * 2 / (r["ms"] * 1e-3) / 1e9)
+    assert sum(r["default"] for r in rows) == 2
+    md = (tmp_path / "sweep.md").read_text()
+    assert "## fwd_grad, V=300, N=8, bfloat16" in md and "triton (default)" in md
+    assert md.strip() in capsys.readouterr().out
+
+
+def test_sweep_reports_a_configuration_with_wrong_outputs(triton_interpret, monkeypatch):
+    pytest.importorskip("triton")
+    from grpo_kernels import triton_kernels as tk
+    from grpo_kernels.bench import sweep as SW
+
+    real = tk.logprobs_fwd
+
+    def broken(*a, block_v=None, **kw):
+        logp, lse, ent = real(*a, block_v=block_v, **kw)
+        return (logp + 1.0 if block_v == 64 else logp), lse, ent
+
+    monkeypatch.setattr(tk, "logprobs_fwd", broken)
+    res = SW.sweep(device="cpu", vocab_sizes=[100], tokens=4, dtype=torch.float32, kernels=["fwd"],
+                   block_vs=[None, 64], warps=[None], programs=[None], quick=True, progress=False)
+    good, bad = sorted(res["rows"], key=lambda r: r["block_v"] or 0)
+    assert good["match"] and good["ms"] > 0
+    assert bad["match"] is False and "ms" not in bad
+    assert "outputs differ from the default configuration's" in SW.markdown(res)
+
+
+@pytest.mark.parametrize("argv, env, match", [
+    (["--device", "cpu", "--quick"], "0", "only under TRITON_INTERPRET=1"),
+    (["--device", "cpu", "--quick", "--kernels", "fwd,nope"], "1", "--kernels must name some of"),
+    (["--device", "cpu", "--quick", "--tokens", "0"], "1", "must be positive integers"),
+])
+def test_sweep_rejects_bad_options(argv, env, match, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", env)
+    assert main(["sweep", *argv]) == 2
+    assert match in capsys.readouterr().err
