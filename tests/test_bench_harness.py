@@ -366,7 +366,7 @@ def test_sweep_quick_under_interpreter(tmp_path, triton_interpret, capsys):
     for r in rows:
         assert r["match"] is True and r["ms"] > 0 and r["V"] == 300 and r["N"] == 8
         assert r["gbps"] == pytest.approx({"fwd": 1, "fwd_grad": 2}[r["kernel"]] * 8 * 300 * 2 / (r["ms"] * 1e-3) / 1e9)
-    assert sum(r["default"] for r in rows) == 2
+    assert sum(r["default"] for r in rows) == 2 and "partial" not in data["meta"]
     md = (tmp_path / "sweep.md").read_text()
     assert "## fwd_grad, V=300, N=8, bfloat16" in md and "triton (default)" in md
     assert md.strip() in capsys.readouterr().out
@@ -401,3 +401,38 @@ def test_sweep_rejects_bad_options(argv, env, match, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", env)
     assert main(["sweep", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_replot_rewrites_markdown_and_plots(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--quick", "--shapes", "4x8x64", "--ops", "grpo_loss", "--modes", "fwd",
+                 "--impls", "torch", "--output-dir", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "partial" not in data["meta"]  # the final write replaces the per-case partial one
+    (tmp_path / "results.md").unlink()
+    assert not list(tmp_path.glob("*.png"))
+    assert main(["bench", "--replot", str(tmp_path)]) == 0
+    assert "## grpo_loss — fwd" in (tmp_path / "results.md").read_text()
+    assert list(tmp_path.glob("*.png"))
+    assert main(["bench", "--replot", str(tmp_path / "nowhere")]) == 2
+    assert "cannot read a results.json" in capsys.readouterr().err
+
+
+def test_cli_keeps_finished_cases_when_stopped(tmp_path, monkeypatch):
+    """results.json is rewritten after each case: a run interrupted in its second case keeps the first."""
+    from grpo_kernels.bench import cases as C
+
+    real, calls = C.measure, []
+
+    def measure(case, *a, **kw):
+        calls.append(case.mode)
+        if case.mode == "fwd_bwd":
+            raise KeyboardInterrupt
+        return real(case, *a, **kw)
+
+    monkeypatch.setattr(C, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--device", "cpu", "--quick", "--shapes", "4x8x64", "--ops", "grpo_loss", "--impls", "torch",
+              "--output-dir", str(tmp_path), "--no-progress", "--no-memory"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["partial"] is True
+    assert [(r["mode"], r["impl"], r["status"]) for r in data["rows"]] == [("fwd", "torch", "ok")]

@@ -7,14 +7,19 @@ Examples::
     grpo-kernels bench --device cuda --cold-l2          # 8,192 tokens x V in {32k, 152k, 262k}, bf16
     grpo-kernels bench --shapes 16x256x32000 --dtypes bf16 --loss-types grpo --modes fwd_bwd
     grpo-kernels bench --shapes 32x512x256x32000 --ops fused_linear     # SxTxHxV for fused_linear
+    grpo-kernels bench --replot benchmarks/results/h100                 # redo results.md + PNGs from its JSON
 
 Every backend that ``grpo_kernels.available_backends(device)`` reports runs, and every peer that is
 installed (``torch.compile``, Liger-Kernel, TRL); what cannot run is listed with its reason.
+``results.json`` is rewritten after every case (``meta.partial`` is true until the run completes), so a run
+that is stopped part-way keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List
 
@@ -72,9 +77,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--replot", default=None, metavar="DIR",
+                        help="measure nothing: rewrite DIR/results.md and DIR's PNGs from DIR/results.json")
+
+
+def _replot(out_dir: str, plots: bool) -> int:
+    path = os.path.join(out_dir, "results.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        meta, rows = data["meta"], data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --replot: cannot read a results.json written by grpo-kernels bench at {path}: {e}",
+              file=sys.stderr)
+        return 2
+    md = _r.write_markdown(os.path.join(out_dir, "results.md"), meta, rows)
+    pngs = _r.write_plots(out_dir, meta, rows) if plots else []
+    print(f"rewrote {md}" + (f" and {len(pngs)} plot(s)" if pngs else ""), file=sys.stderr)
+    return 0
 
 
 def run(args) -> int:
+    if args.replot is not None:
+        return _replot(args.replot, plots=not args.no_plots)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device is available to this torch "
@@ -119,6 +144,8 @@ def run(args) -> int:
     except ImportError:  # pragma: no cover - tqdm is a dependency of transformers
         bar = None
     rows = []
+    os.makedirs(args.output_dir, exist_ok=True)
+    partial_json = os.path.join(args.output_dir, "results.json")
     for case, impls in plan:
         inputs = None
         base_out = None
@@ -137,6 +164,7 @@ def run(args) -> int:
                 bar.update(1)
         del inputs
         _h.release_memory(dev)
+        _r.write_json(partial_json, {**meta, "partial": True}, _r.finalize_rows(rows, meta))
     if bar is not None:
         bar.close()
 

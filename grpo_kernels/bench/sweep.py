@@ -24,11 +24,12 @@ which only checks that it works (``--quick``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -107,8 +108,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype, kernels: Sequence[str],
           block_vs: Sequence[Optional[int]], warps: Sequence[Optional[int]], programs: Sequence[Optional[int]],
-          quick: bool = False, cold_l2: bool = False, with_cuda: bool = True, progress: bool = True) -> Dict:
-    """Run the sweep; returns ``{"meta": ..., "rows": [...]}`` (see the module docstring)."""
+          quick: bool = False, cold_l2: bool = False, with_cuda: bool = True, progress: bool = True,
+          on_row: Optional[Callable[[Dict], None]] = None) -> Dict:
+    """Run the sweep; returns ``{"meta": ..., "rows": [...]}`` (see the module docstring). ``on_row`` gets the
+    result so far (``meta.partial`` true) after every row."""
     from .. import triton_kernels as tk
 
     device = torch.device(device)
@@ -122,7 +125,17 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
         from .. import cpp_ext
         cuda_ok = cpp_ext.is_available(device)[0]
     elt = torch.empty((), dtype=dtype).element_size()
+    meta = {"device": device_name(device), "sms": sms, "copy_bw_gbps": copy_bw, "cold_l2": cold_l2, "quick": quick,
+            "torch": torch.__version__, "triton": _triton_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    # many configurations: 0.1 s of calls each on CUDA (>= 10 rounds) is enough for ~1 ms kernels
+    timing = {} if quick or device.type != "cuda" else {"min_time_s": 0.1}
     rows: List[dict] = []
+
+    def done(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row({"meta": {**meta, "partial": True}, "rows": rows})
     plan = [(V, k, cfg) for V in vocab_sizes for k in kernels for cfg in _configs(k, block_vs, warps, programs, sms)]
     bar = None
     if progress:
@@ -150,13 +163,13 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
                 reference[key] = _main_output(kernel, _call(tk, kernel, inp, {k: None for k in cfg})()).clone()
             row["match"] = _close(out, reference[key])
             if row["match"]:
-                st = harness.time_callable(fn, device, quick=quick, cold_l2=cold_l2)
+                st = harness.time_callable(fn, device, quick=quick, cold_l2=cold_l2, **timing)
                 row.update(ms=st.median_ms, p10_ms=st.p10_ms, p90_ms=st.p90_ms,
                            gbps=ideal / (st.median_ms * 1e-3) / 1e9)
                 row["pct_copy_bw"] = 100 * row["gbps"] / copy_bw if copy_bw else None
         except Exception as e:  # a launch setting the kernel cannot take (e.g. out of shared memory)
             row["error"] = f"{type(e).__name__}: {e}"[:300]
-        rows.append(row)
+        done(row)
         if bar is not None:
             bar.update(1)
     if cuda_ok:
@@ -164,9 +177,9 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
             inp = _inputs(tokens, V, dtype, device)
             for kernel in kernels:
                 fn = _cuda_call(kernel, inp)
-                st = harness.time_callable(fn, device, quick=quick, cold_l2=cold_l2)
+                st = harness.time_callable(fn, device, quick=quick, cold_l2=cold_l2, **timing)
                 gbps = _IDEAL_FACTOR[kernel] * tokens * V * elt / (st.median_ms * 1e-3) / 1e9
-                rows.append({"kernel": kernel, "impl": "cuda", "V": V, "N": tokens,
+                done({"kernel": kernel, "impl": "cuda", "V": V, "N": tokens,
                              "dtype": str(dtype).replace("torch.", ""), "block_v": None, "num_warps": None,
                              "programs": None, "default": True, "match": True, "ms": st.median_ms,
                              "p10_ms": st.p10_ms, "p90_ms": st.p90_ms, "gbps": gbps,
@@ -174,9 +187,6 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
             del inp
     if bar is not None:
         bar.close()
-    meta = {"device": device_name(device), "sms": sms, "copy_bw_gbps": copy_bw, "cold_l2": cold_l2, "quick": quick,
-            "torch": torch.__version__, "triton": _triton_version(),
-            "date": __import__("datetime").datetime.now().isoformat(timespec="seconds")}
     return {"meta": meta, "rows": rows}
 
 
@@ -260,14 +270,19 @@ def run(args) -> int:
     if any(v is None or v < 1 for v in vocab) or tokens < 1:
         print("grpo-kernels sweep: --vocab and --tokens must be positive integers", file=sys.stderr)
         return 2
-    result = sweep(device=device, vocab_sizes=vocab, tokens=tokens, dtype=getattr(torch, args.dtype),
-                   kernels=kernels, block_vs=block_vs, warps=warps, programs=programs, quick=args.quick,
-                   cold_l2=args.cold_l2, with_cuda=not args.no_cuda, progress=not args.no_progress)
-    md = markdown(result)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    def save(result):
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
+
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    result = sweep(device=device, vocab_sizes=vocab, tokens=tokens, dtype=getattr(torch, args.dtype),
+                   kernels=kernels, block_vs=block_vs, warps=warps, programs=programs, quick=args.quick,
+                   cold_l2=args.cold_l2, with_cuda=not args.no_cuda, progress=not args.no_progress,
+                   on_row=save if args.output else None)
+    md = markdown(result)
+    if args.output:
+        save(result)
         with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
             f.write(md + "\n")
     print(md)
