@@ -1,5 +1,6 @@
-// CPU implementations of the grpo_kernels_C ops: argument checks, output allocation, the choice of the SIMD
-// variant of the row kernels (cpu_kernels_impl.h) and threading over rows with at::parallel_for.
+// CPU implementations of the grpo_kernels_C ops: the CPU policy of RowOps (op_glue.h, which does the argument
+// checks and output allocation): the choice of the SIMD variant of the row kernels (cpu_kernels_impl.h),
+// threading over rows with at::parallel_for, the token-id check and the gradient buffer.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,7 +17,7 @@
 #endif
 
 #include "grpo_kernels.h"
-#include "op_checks.h"
+#include "op_glue.h"
 
 namespace grpo {
 namespace {
@@ -57,165 +58,58 @@ int dtype_index(at::ScalarType t) {
   }
 }
 
-// An out-of-range id on a row the kernel reads would be an out-of-bounds access: refuse it up front.
-void check_ids(const Tensor& tokens, const Tensor& mask, int64_t V) {
-  const int64_t* tok = tokens.const_data_ptr<int64_t>();
-  const bool* m = mask.const_data_ptr<bool>();
-  const int64_t n = tokens.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    if (m[i] && (tok[i] < 0 || tok[i] >= V)) {
-      TORCH_CHECK_VALUE(false, "tokens must hold ids in [0, ", V, ") on unmasked positions (mask True); found ",
-                        tok[i], " at (", i / tokens.size(1), ", ", i % tokens.size(1), ")");
+// The CPU policy of RowOps (op_glue.h).
+struct CpuDev {
+  static constexpr c10::DeviceType type = c10::DeviceType::CPU;
+
+  struct Guard {
+    explicit Guard(const Tensor&) {}
+  };
+
+  // An out-of-range id on a row the kernel reads would be an out-of-bounds access: refuse it up front.
+  static void check_ids(const Tensor& tokens, const Tensor& mask, int64_t V) {
+    const int64_t* tok = tokens.const_data_ptr<int64_t>();
+    const bool* m = mask.const_data_ptr<bool>();
+    const int64_t n = tokens.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      if (m[i] && (tok[i] < 0 || tok[i] >= V)) {
+        TORCH_CHECK_VALUE(false, "tokens must hold ids in [0, ", V, ") on unmasked positions (mask True); found ",
+                          tok[i], " at (", i / tokens.size(1), ", ", i % tokens.size(1), ")");
+      }
     }
   }
-}
 
-RowProblem base_problem(const Tensor& logits, const Tensor& tokens, const Tensor& mask, double temperature) {
-  RowProblem p;
-  p.logits = logits.const_data_ptr();
-  p.ls_s = logits.stride(0);
-  p.ls_t = logits.stride(1);
-  p.S = logits.size(0);
-  p.T = logits.size(1);
-  p.V = logits.size(2);
-  p.tokens = tokens.const_data_ptr<int64_t>();
-  p.mask = mask.const_data_ptr<bool>();
-  p.inv_temp = 1.0 / temperature;
-  return p;
-}
+  // A new contiguous gradient buffer. Fresh multi-megabyte CPU allocations are untouched mmap pages: the first
+  // write faults every 4 KiB page in, which costs more than the kernel itself. Asking for transparent huge pages
+  // on the (2 MiB-aligned interior of the) fresh buffer cuts the faults 512-fold. Only a hint: no effect where
+  // THP is off, and nothing changes in the values.
+  static Tensor new_grad(const Tensor& logits) {
+    Tensor out = at::empty(logits.sizes(), logits.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const size_t bytes = out.numel() * out.element_size();
+    if (bytes >= 4 * kHuge) {
+      const uintptr_t p0 = reinterpret_cast<uintptr_t>(out.data_ptr());
+      const uintptr_t lo = (p0 + kHuge - 1) & ~(kHuge - 1), hi = (p0 + bytes) & ~(kHuge - 1);
+      if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+    }
+#endif
+    return out;
+  }
 
-void set_grad(RowProblem& p, const Tensor& grad) {
-  p.grad = grad.data_ptr();
-  p.gs_s = grad.stride(0);
-  p.gs_t = grad.stride(1);
-}
-
-void run(RowFn fn, const RowProblem& p) {
-  const int64_t rows = p.S * p.T;
-  if (rows == 0) return;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.V, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
-}
-
-struct Prepared {
-  Tensor tokens, mask;
+  // The SIMD variant's row kernel over all rows, threaded with at::parallel_for (~32k logits per task).
+  static void run(Kind kind, at::ScalarType dtype, const RowProblem& p) {
+    const CpuKernelTable& k = kernels();
+    const int i = dtype_index(dtype);
+    const RowFn fn = kind == Kind::Fwd ? k.fwd[i] : kind == Kind::Bwd ? k.bwd[i] : k.fwd_grad[i];
+    const int64_t rows = p.S * p.T;
+    if (rows == 0) return;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.V, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+  }
 };
 
-Prepared prepare(const Tensor& logits, const Tensor& tokens, const Tensor& mask, double temperature) {
-  check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  Prepared r{tokens.contiguous(), mask.contiguous()};
-  check_ids(r.tokens, r.mask, logits.size(2));
-  return r;
-}
-
-// A new contiguous gradient buffer. Fresh multi-megabyte CPU allocations are untouched mmap pages: the first
-// write faults every 4 KiB page in, which costs more than the kernel itself. Asking for transparent huge pages
-// on the (2 MiB-aligned interior of the) fresh buffer cuts the faults 512-fold. Only a hint: no effect where THP
-// is off, and nothing changes in the values.
-Tensor new_grad_tensor(const Tensor& logits) {
-  Tensor out = at::empty(logits.sizes(), logits.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = out.numel() * out.element_size();
-  if (bytes >= 4 * kHuge) {
-    const uintptr_t p0 = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t lo = (p0 + kHuge - 1) & ~(kHuge - 1), hi = (p0 + bytes) & ~(kHuge - 1);
-    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
-
-Tensor new_row_tensor(const Tensor& logits) {
-  return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(acc_type(logits.scalar_type())));
-}
-
-std::tuple<Tensor, Tensor, Tensor> logprobs_fwd_cpu(const Tensor& logits, const Tensor& tokens, const Tensor& mask,
-                                                     double temperature, bool with_entropy) {
-  auto pr = prepare(logits, tokens, mask, temperature);
-  Tensor logp = new_row_tensor(logits), lse = new_row_tensor(logits), ent = new_row_tensor(logits);
-  RowProblem p = base_problem(logits, pr.tokens, pr.mask, temperature);
-  p.with_entropy = with_entropy;
-  p.logp = logp.data_ptr();
-  p.lse = lse.data_ptr();
-  p.ent = ent.data_ptr();
-  run(kernels().fwd[dtype_index(logits.scalar_type())], p);
-  return {logp, lse, ent};
-}
-
-void bwd_into(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
-              const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy, double temperature,
-              const Tensor& out) {
-  auto pr = prepare(logits, tokens, mask, temperature);
-  check_row_tensor("grad_logp", grad_logp, logits);
-  check_row_tensor("lse", lse, logits);
-  check_row_tensor("entropy", entropy, logits);
-  Tensor gl = grad_logp.contiguous(), l = lse.contiguous(), h = entropy.contiguous(), gh;
-  if (grad_entropy.has_value() && grad_entropy->defined()) {
-    check_row_tensor("grad_entropy", *grad_entropy, logits);
-    gh = grad_entropy->contiguous();
-  }
-  RowProblem p = base_problem(logits, pr.tokens, pr.mask, temperature);
-  p.grad_logp = gl.const_data_ptr();
-  p.grad_ent = gh.defined() ? gh.const_data_ptr() : nullptr;
-  p.lse_in = l.const_data_ptr();
-  p.ent_in = h.const_data_ptr();
-  set_grad(p, out);
-  run(kernels().bwd[dtype_index(logits.scalar_type())], p);
-}
-
-Tensor logprobs_bwd_cpu(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
-                        const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
-                        double temperature) {
-  check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  Tensor out = new_grad_tensor(logits);
-  bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out);
-  return out;
-}
-
-void logprobs_bwd_out_cpu(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
-                          const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
-                          double temperature, const Tensor& out) {
-  check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  check_out(out, logits);
-  bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out);
-}
-
-std::tuple<Tensor, Tensor, Tensor> fwd_grad_into(const Tensor& logits, const Tensor& tokens, const Tensor& mask,
-                                                  const Tensor& coef, double temperature, bool with_entropy,
-                                                  const Tensor& out) {
-  auto pr = prepare(logits, tokens, mask, temperature);
-  check_row_tensor("coef", coef, logits);
-  Tensor c = coef.contiguous();
-  Tensor logp = new_row_tensor(logits), lse = new_row_tensor(logits), ent = new_row_tensor(logits);
-  RowProblem p = base_problem(logits, pr.tokens, pr.mask, temperature);
-  p.with_entropy = with_entropy;
-  p.logp = logp.data_ptr();
-  p.lse = lse.data_ptr();
-  p.ent = ent.data_ptr();
-  p.coef = c.const_data_ptr();
-  set_grad(p, out);
-  run(kernels().fwd_grad[dtype_index(logits.scalar_type())], p);
-  return {logp, lse, ent};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_fwd_grad_cpu(const Tensor& logits, const Tensor& tokens,
-                                                                 const Tensor& mask, const Tensor& coef,
-                                                                 double temperature, bool with_entropy) {
-  check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  Tensor out = new_grad_tensor(logits);
-  auto [logp, lse, ent] = fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out);
-  return {logp, lse, ent, out};
-}
-
-std::tuple<Tensor, Tensor, Tensor> logprobs_fwd_grad_out_cpu(const Tensor& logits, const Tensor& tokens,
-                                                              const Tensor& mask, const Tensor& coef,
-                                                              double temperature, bool with_entropy,
-                                                              const Tensor& out) {
-  check_common(logits, tokens, mask, temperature, c10::DeviceType::CPU);
-  check_out(out, logits);
-  return fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out);
-}
+using CpuOps = RowOps<CpuDev>;
 
 std::string cpu_isa() { return kernels().isa; }
 
@@ -227,9 +121,9 @@ TORCH_LIBRARY_FRAGMENT(grpo_kernels_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(grpo_kernels_C, CPU, m) {
-  m.impl("logprobs_fwd", &grpo::logprobs_fwd_cpu);
-  m.impl("logprobs_bwd", &grpo::logprobs_bwd_cpu);
-  m.impl("logprobs_bwd_out", &grpo::logprobs_bwd_out_cpu);
-  m.impl("logprobs_fwd_grad", &grpo::logprobs_fwd_grad_cpu);
-  m.impl("logprobs_fwd_grad_out", &grpo::logprobs_fwd_grad_out_cpu);
+  m.impl("logprobs_fwd", &grpo::CpuOps::fwd);
+  m.impl("logprobs_bwd", &grpo::CpuOps::bwd);
+  m.impl("logprobs_bwd_out", &grpo::CpuOps::bwd_out);
+  m.impl("logprobs_fwd_grad", &grpo::CpuOps::fwd_grad);
+  m.impl("logprobs_fwd_grad_out", &grpo::CpuOps::fwd_grad_out);
 }
