@@ -20,11 +20,16 @@ import grpo_kernels as gk
 from grpo_kernels import backends
 from grpo_kernels import reference as ref
 
+from kernel_cases import DTYPES, G, LOSS_TYPES, S, T, V  # noqa: F401 - shared parity matrix
+from kernel_cases import acc_dtype as _acc
+from kernel_cases import gtol as _gtol
+from kernel_cases import keep_mask as _keep
+from kernel_cases import make_inputs as _inputs
+from kernel_cases import ref_logprobs as _ref
+from kernel_cases import tol as _tol
+
 cx = pytest.importorskip("grpo_kernels.cpp_ext")
 
-S, T, V, G = 6, 5, 67, 3
-LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -40,50 +45,6 @@ def _backend(device):
 def _ops():
     cx.ensure_loaded("cpu")
     return torch.ops.grpo_kernels_C
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _inputs(dtype=torch.float32, device="cpu", s=S, t=T, v=V):
-    """Logits with ``-inf`` entries in two rows, tokens with a ``-100``, a mask with a fully masked sequence
-    and a ragged tail, and rewards."""
-    z = torch.randn(s, t, v, dtype=torch.float64) * 2
-    tok = torch.randint(0, v, (s, t))
-    m = torch.ones(s, t)
-    z[0, 0, : v // 3] = float("-inf")
-    tok[0, 0] = v - 1
-    z[1, 2, 1::2] = float("-inf")
-    tok[1, 2] = 0
-    tok[0, 1] = -100
-    m[2] = 0  # a fully masked sequence
-    m[3, t // 2 + 1:] = 0
-    r = torch.randn(s, dtype=_acc(dtype))
-    return z.to(dtype).to(device), tok.to(device), m.to(device), r.to(device)
-
-
-def _keep(tok, m):
-    return ((tok != -100) & (m != 0)).contiguous()
-
-
-def _ref(z, tok, keep, temperature):
-    """Reference (logp, entropy) with masked positions 0 (differentiable w.r.t. ``z``)."""
-    return ref.token_logprobs(z, torch.where(keep, tok, torch.full_like(tok, -100)), temperature,
-                              return_entropy=True)
-
-
-def _tol(dtype):
-    # fp32/bf16 rows accumulate in fp32 (the reference too); fp64 in fp64
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=3e-6)
-
-
-def _gtol(dtype):
-    if dtype == torch.float64:
-        return dict(rtol=1e-11, atol=1e-13)
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-6)
-    return dict(rtol=1.6e-2, atol=1e-6)  # one bf16 rounding of the gradient either side
 
 
 # --------------------------------------------------------------------------------------------------------------

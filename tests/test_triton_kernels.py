@@ -16,53 +16,13 @@ from grpo_kernels import reference as ref
 
 from grpo_kernels import triton_kernels as tk
 
-S, T, V, G = 6, 5, 67, 3
-LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _inputs(dtype=torch.float32, *, device="cpu", s=S, t=T, v=V):
-    """Logits (some rows with ``-inf`` entries: a masked vocabulary), tokens with a ``-100``, a mask with a
-    fully masked sequence and a ragged tail, and rewards (the special entries need s >= 4, t >= 3)."""
-    z = torch.randn(s, t, v, dtype=dtype, device=device) * 2
-    tok = torch.randint(0, v, (s, t), device=device)
-    m = torch.ones(s, t, device=device)
-    if s >= 4 and t >= 3:
-        z[0, 0, : v // 3] = float("-inf")
-        tok[0, 0] = v - 1
-        z[1, 2, 1::2] = float("-inf")
-        tok[1, 2] = 0
-        tok[0, 1] = -100
-        m[2] = 0  # a fully masked sequence
-        m[3, t // 2 + 1:] = 0
-    r = torch.randn(s, dtype=_acc(dtype), device=device)
-    return z, tok, m, r
-
-
-def _keep(tok, m):
-    return ((tok != -100) & (m != 0)).contiguous()
-
-
-def _ref_logprobs(z, tok, keep, temperature, entropy=True):
-    """Reference (logp, entropy) with masked positions 0, differentiable w.r.t. ``z``."""
-    return ref.token_logprobs(z, torch.where(keep, tok, torch.full_like(tok, -100)), temperature,
-                              return_entropy=entropy)
-
-
-def _tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
-
-
-def _gtol(dtype):
-    if dtype == torch.float64:
-        return dict(rtol=1e-12, atol=1e-13)
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-6)
-    return dict(rtol=1.6e-2, atol=1e-6)  # one bf16 rounding of the gradient either side
+from kernel_cases import DTYPES, G, LOSS_TYPES, S, T, V  # noqa: F401 - shared parity matrix
+from kernel_cases import acc_dtype as _acc
+from kernel_cases import gtol as _gtol
+from kernel_cases import keep_mask as _keep
+from kernel_cases import make_inputs as _inputs
+from kernel_cases import ref_logprobs as _ref_logprobs
+from kernel_cases import tol as _tol
 
 
 # ----------------------------------------------------------------------------------------------------------

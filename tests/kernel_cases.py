@@ -1,0 +1,64 @@
+"""Inputs and tolerances shared by the kernel test files (``test_triton_kernels.py``, ``test_cpp_kernels.py``),
+which run the same parity matrix against each fused backend.
+
+Small ragged shapes: S=6, G=3, T=5, V=67 (V is not a power of two nor a multiple of any vector width, so
+every row has a scalar tail).
+"""
+
+import torch
+
+from grpo_kernels import reference as ref
+
+S, T, V, G = 6, 5, 67, 3
+LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def acc_dtype(dtype):
+    """The kernels' accumulation dtype for ``dtype`` logits (and the dtype of every per-row tensor)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_inputs(dtype=torch.float32, device="cpu", *, s=S, t=T, v=V):
+    """``(logits, tokens, mask, rewards)``: logits drawn in ``dtype`` on ``device`` (no full-size fp32/fp64
+    temporary at real vocabulary sizes) with ``-inf`` entries in two rows (a masked vocabulary), tokens with a
+    ``-100``, a mask with a fully masked sequence and a ragged tail (the special entries need s >= 4, t >= 3),
+    and rewards in the accumulation dtype."""
+    z = torch.randn(s, t, v, dtype=dtype, device=device) * 2
+    tok = torch.randint(0, v, (s, t), device=device)
+    m = torch.ones(s, t, device=device)
+    if s >= 4 and t >= 3:
+        z[0, 0, : v // 3] = float("-inf")
+        tok[0, 0] = v - 1
+        z[1, 2, 1::2] = float("-inf")
+        tok[1, 2] = 0
+        tok[0, 1] = -100
+        m[2] = 0  # a fully masked sequence
+        m[3, t // 2 + 1:] = 0
+    r = torch.randn(s, dtype=acc_dtype(dtype), device=device)
+    return z, tok, m, r
+
+
+def keep_mask(tok, m):
+    """The rows a kernel reads: token not ``-100`` and mask non-zero (bool, contiguous)."""
+    return ((tok != -100) & (m != 0)).contiguous()
+
+
+def ref_logprobs(z, tok, keep, temperature, entropy=True):
+    """Reference ``(logp, entropy)`` with masked positions 0, differentiable w.r.t. ``z``."""
+    return ref.token_logprobs(z, torch.where(keep, tok, torch.full_like(tok, -100)), temperature,
+                              return_entropy=entropy)
+
+
+def tol(dtype):
+    """Log-probs/entropy: fp32 and bf16 rows accumulate in fp32 (the reference too), fp64 in fp64."""
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=3e-6)
+
+
+def gtol(dtype):
+    """Logit gradients: one rounding to the logits' dtype either side."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-11, atol=1e-13)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=1.6e-2, atol=1e-6)
