@@ -1,7 +1,9 @@
 """Two CPU processes (gloo) under DDP take the same step as one process with the same global batch."""
 
+import gc
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -20,9 +22,10 @@ ROWS = [
 
 
 def _config(out, per_device, loss_type):
+    loss_type, _, scale = loss_type.partition("+")  # "grpo+batch": scale_rewards="batch"
     return GRPOConfig(output_dir=out, device="cpu", progress_bar=False, plot=False, save_final=False, shuffle=False,
                       num_generations=4, per_device_batch_size=per_device, learning_rate=1e-2, lr_scheduler="constant",
-                      loss_type=loss_type, max_grad_norm=1.0, max_steps=1)
+                      loss_type=loss_type, scale_rewards=scale or "group", max_grad_norm=1.0, max_steps=1)
 
 
 def _run(out, per_device, loss_type):
@@ -42,6 +45,11 @@ def _worker(rank, world, port, out, loss_type):
         assert tr.world_size == world and tr.batch_indices(0) == [2 * rank, 2 * rank + 1]
         if rank == 0:
             torch.save({"params": tr.unwrapped.state_dict(), "metrics": metrics}, os.path.join(out, "ddp.pt"))
+        torch.distributed.barrier()
+        # The DDP wrapper (its reducer holds the process group) goes before the group does: destroyed the other
+        # way round, at the function's return, its destructor can block on the torn-down group.
+        del tr
+        gc.collect()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -52,10 +60,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "grpo+batch"])
 def test_two_process_ddp_step_equals_single_process(tmp_path, loss_type):
+    """Including dapo's global token normalizer and batch-scaled advantages (all-reduced / all-gathered)."""
     out = str(tmp_path)
-    mp.spawn(_worker, args=(2, _free_port(), out, loss_type), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, _free_port(), out, loss_type), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # a worker that dies or a lost rendezvous must fail the test, not hang CI
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP workers did not finish within 180 s")
     got = torch.load(os.path.join(out, "ddp.pt"))
     single, m1 = _run(out, 4, loss_type)
     for k, v in single.unwrapped.state_dict().items():

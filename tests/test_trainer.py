@@ -139,14 +139,41 @@ def test_training_step_equals_hand_written_loop(tok, tmp_path):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("loss_type", ["softmax", "grpo"])
-def test_gradient_accumulation_matches_one_batch(tok, tmp_path, loss_type):
-    a, b = build_model(tok, seed=5, **TINY), build_model(tok, seed=5, **TINY)
-    ds = GRPODataset(OFFLINE, tok, num_samples=4)
-    GRPOTrainer(a, ds, cfg(tmp_path, loss_type=loss_type)).training_step(OFFLINE)
-    GRPOTrainer(b, ds, cfg(tmp_path, loss_type=loss_type, gradient_accumulation_steps=2)).training_step(OFFLINE)
-    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+@pytest.mark.parametrize("loss_type, scale", [("softmax", "group"), ("grpo", "group"), ("dapo", "group"),
+                                               ("grpo", "batch"), ("dr_grpo", "batch")])
+def test_gradient_accumulation_matches_one_batch(tok, tmp_path, loss_type, scale):
+    """dapo's token normalizer and scale_rewards="batch" are taken over the whole step batch, so two micro-batches
+    give the optimizer the same gradient as one batch (the two prompts have completions of different lengths).
+    Gradients are compared as the optimizer receives them: AdamW's first step is ~lr·sign(g), which turns
+    rounding noise in near-zero gradient entries into visible parameter differences."""
+    seen = []
+    for ga in (1, 2):
+        tr = GRPOTrainer(build_model(tok, seed=5, **TINY), GRPODataset(OFFLINE, tok, num_samples=4),
+                         cfg(tmp_path, loss_type=loss_type, scale_rewards=scale, gradient_accumulation_steps=ga))
+        grads = {}
+        tr.optimizer.register_step_pre_hook(lambda opt, args, kw, tr=tr, grads=grads: grads.update(
+            {n: p.grad.clone() for n, p in tr.unwrapped.named_parameters() if p.grad is not None}))
+        tr.training_step(OFFLINE)
+        seen.append(grads)
+    one, two = seen
+    assert one.keys() == two.keys() and len(one) > 5
+    assert any(g.abs().max() > 1e-3 for g in one.values())
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-7, rtol=1e-5, msg=k)
+
+
+def test_batch_terms_follow_the_whole_batch(tok, tmp_path):
+    """The global quantities by hand: dapo's num_items_in_batch = completion tokens / accumulation steps, and
+    batch-scaled advantages over all 8 rewards."""
+    tr = GRPOTrainer(build_model(tok, seed=5, **TINY), GRPODataset(OFFLINE, tok, num_samples=4),
+                     cfg(tmp_path, loss_type="dapo", scale_rewards="batch", gradient_accumulation_steps=2))
+    rollout = tr._offline_rollout(tr._prepare(OFFLINE))
+    rewards = torch.tensor([x for r in OFFLINE for x in r["rewards"]])
+    terms = tr._global_batch_terms(rollout, rewards)
+    assert terms["num_items_in_batch"] == pytest.approx(float(rollout.completion_mask.sum()) / 2)
+    r = rewards.view(2, 4)
+    expected = ((r - r.mean(1, keepdim=True)) / (rewards.std() + 1e-4)).view(-1)
+    torch.testing.assert_close(terms["advantages"], expected)
 
 
 def test_gradient_checkpointing_same_step(tok, tmp_path):

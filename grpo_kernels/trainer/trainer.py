@@ -13,6 +13,13 @@ predicts token ``t+1``; only completion tokens up to and including the first ``<
 ``grpo_kernels.fused_linear_grpo_loss`` on the last hidden states and the LM-head weight when
 ``config.fused_linear`` is on. Under ``torchrun`` every rank takes a contiguous slice of the step's global batch,
 gradients are averaged by DDP, and rank 0 logs and saves.
+
+Quantities over the whole step batch are global, so that gradient accumulation and DDP take the same step as
+one process with the whole batch: ``loss_type="dapo"`` divides by the completion tokens of the global batch
+(passed as ``num_items_in_batch``), and ``scale_rewards="batch"`` divides the advantages by the std of every
+reward of the global batch (all-gathered). ``bnpo`` normalizes by each micro-batch's tokens (as TRL does);
+``grpo``, ``dr_grpo`` and ``softmax`` are per-sequence / per-group means over equal-sized micro-batches and so are
+exact either way.
 """
 
 from __future__ import annotations
@@ -359,16 +366,48 @@ class GRPOTrainer:
         model.train(was_training)
         return torch.cat(out, 0)
 
-    def _loss(self, rollout: Rollout, sl: slice, rewards, old_lp, ref_lp):
+    def _global_batch_terms(self, rollout: Rollout, rewards: torch.Tensor) -> Dict[str, Any]:
+        """Loss keywords that depend on the whole step batch (all ranks, all micro-batches): ``num_items_in_batch``
+        for dapo and the batch-scaled ``advantages`` (see the module docstring)."""
+        cfg = self.config
+        out: Dict[str, Any] = {}
+        ddp = self.world_size > 1 and dist.is_initialized()
+        comm_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if cfg.loss_type == "dapo":
+            n = rollout.completion_mask.sum().to(device=comm_dev, dtype=torch.float64)
+            if ddp:
+                dist.all_reduce(n)
+            # each micro-batch loss is divided by the accumulation steps and DDP averages over ranks
+            out["num_items_in_batch"] = max(float(n), 1.0) / (self.world_size * cfg.gradient_accumulation_steps)
+        if cfg.scale_rewards == "batch" and cfg.loss_type != "softmax":
+            r = rewards.to(comm_dev, torch.float32)
+            if ddp:
+                parts = [torch.empty_like(r) for _ in range(self.world_size)]
+                dist.all_gather(parts, r)
+                everything = torch.cat(parts)
+            else:
+                everything = r
+            adv = _ref.group_advantages(everything, self.G, "batch")
+            out["advantages"] = adv[self.rank * r.numel():(self.rank + 1) * r.numel()].to(rewards.device)
+        return out
+
+    def _loss(self, rollout: Rollout, sl: slice, rewards, old_lp, ref_lp, batch_terms=None):
         cfg = self.config
         cm = rollout.completion_mask[sl]
         tokens = rollout.completion_ids[sl].masked_fill(~cm, -100)
+        batch_terms = batch_terms or {}
+        advantages = batch_terms.get("advantages")
+        if advantages is not None:
+            advantages, rewards = advantages[sl], None
+        else:
+            rewards = rewards[sl]
         kw = dict(group_size=self.G, loss_type=cfg.loss_type, beta=cfg.beta, temperature=cfg.temperature,
                   old_logprobs=None if old_lp is None else old_lp[sl], ref_logprobs=None if ref_lp is None else ref_lp[sl],
                   kl_coef=cfg.kl_coef if ref_lp is not None else 0.0, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                   delta=cfg.delta, scale_rewards=cfg.scale_rewards,
                   max_completion_length=cfg.max_completion_length or cfg.max_new_tokens,
-                  importance_sampling_level=cfg.importance_sampling_level, return_metrics=True, backend=cfg.backend)
+                  importance_sampling_level=cfg.importance_sampling_level, return_metrics=True, backend=cfg.backend,
+                  advantages=advantages, num_items_in_batch=batch_terms.get("num_items_in_batch"))
         if self._fused_linear is not None:
             hidden = self._forward_logits(self.model, rollout, sl, with_hidden=True)
             head = self.unwrapped.get_output_embeddings()
@@ -376,9 +415,9 @@ class GRPOTrainer:
             if w.dtype != hidden.dtype:  # bf16 autocast over an fp32 model: the head runs in bf16, as autocast would
                 w = w.to(hidden.dtype)
                 b = None if b is None else b.to(hidden.dtype)
-            return self._fused_linear(hidden, w, tokens, rewards[sl], cm, bias=b, **kw)
+            return self._fused_linear(hidden, w, tokens, rewards, cm, bias=b, **kw)
         logits = self._forward_logits(self.model, rollout, sl)
-        return grpo_loss(logits, tokens, rewards[sl], cm, **kw)
+        return grpo_loss(logits, tokens, rewards, cm, **kw)
 
     def _prepare(self, batch) -> List[Dict[str, Any]]:
         """Dataset rows as they are; raw row dicts (``{"prompt": ...}``) are tokenized like the dataset does."""
@@ -418,6 +457,7 @@ class GRPOTrainer:
         if nb is None:
             raise ValueError(f"batch of {len(rows)} prompts is not divisible by gradient_accumulation_steps="
                              f"{cfg.gradient_accumulation_steps}")
+        batch_terms = self._global_batch_terms(rollout, rewards)
         acc: Dict[str, float] = {}
         count = 0
         grad_norm = 0.0
@@ -427,7 +467,7 @@ class GRPOTrainer:
                 last = k == cfg.gradient_accumulation_steps - 1
                 sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.model.no_sync()
                 with sync:
-                    loss, m = self._loss(rollout, sl, rewards, old_lp, ref_lp)
+                    loss, m = self._loss(rollout, sl, rewards, old_lp, ref_lp, batch_terms)
                     (loss / cfg.gradient_accumulation_steps).backward()
                 acc["loss"] = acc.get("loss", 0.0) + loss.item()
                 for key, v in m.items():
