@@ -42,6 +42,12 @@ set later) and use builtins instead: ``tl.reduce`` with triton's own combine fun
 recognises and runs with numpy) and ``tl.full``. Under the interpreter, fp32 -> bf16 stores are rounded to
 nearest even by hand (``RNE_BF16``), because Triton 3.9's interpreter truncates that cast while compiled
 kernels round.
+
+Loops whose bounds are runtime values (``V``, ``n_rows``, the program id) are ``while`` loops, not
+``range(...)``: the interpreter of Triton <= 3.6 turns ``range``'s bounds into ints with ``int()`` of a
+1-element array, which NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed after 3.6), so every CPU test
+failed there. Compiled, the ``while`` form gives the same code: same PTX instruction counts, registers and
+spills for every kernel, dtype and flag, on Triton 3.6 and 3.9 (``.ci/check_triton_sm90.py`` prints them).
 """
 
 from __future__ import annotations
@@ -88,7 +94,8 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
     m = tl.full([], float("-inf"), acc_ty)  # running max of z = logits / tau
     l_other = tl.full([], 0.0, acc_ty)  # running sum of exp(z_v - m) over v != y
     w = tl.full([], 0.0, acc_ty)  # running sum of exp(z_v - m) * z_v over all v (entropy)
-    for start in range(0, V, BLOCK_V):
+    start = 0
+    while start < V:
         cols = start + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
         m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
@@ -99,6 +106,7 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
         if WITH_ENTROPY:  # p = 0, z = -inf contributes 0, not NaN
             w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
         m = m_new
+        start += BLOCK_V
     zy = tl.load(base + y).to(acc_ty) * scale
     # log p_y = -log1p(l_other / e_y) (accurate when p_y ~ 1, unlike z_y - lse), log1p from log (Goldberg)
     e_y = tl.exp(zy - m)
@@ -130,9 +138,11 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
     out_base = out_ptr + s * out_stride_s + t * out_stride_t
     offs = tl.arange(0, BLOCK_V)
     if tl.load(mask_ptr + row) == 0:  # masked: exact zeros, no logits read
-        for start in range(0, V, BLOCK_V):
+        start = 0
+        while start < V:
             cols = start + offs
             tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
+            start += BLOCK_V
         return
     base = logits_ptr + s * stride_s + t * stride_t
     scale = tl.full([], inv_tau, acc_ty)
@@ -144,7 +154,8 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
         gh = tl.load(grad_ent_ptr + row)
         mean_z = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
     p_other = tl.full([], 0.0, acc_ty)  # sum of p_v over v != y, i.e. 1 - p_y without cancellation
-    for start in range(0, V, BLOCK_V):
+    start = 0
+    while start < V:
         cols = start + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
         p = tl.exp(z - lse)
@@ -159,6 +170,7 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
             tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
         else:
             tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+        start += BLOCK_V
     # The target entry again, with 1 - p_y = sum_{v != y} p_v (accurate when p_y ~ 1, where 1 - exp(z_y - lse)
     # is all rounding error). The barrier orders this store after the loop's store of the same element,
     # which another thread of the program may have made.
@@ -189,8 +201,9 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
     offs = tl.arange(0, BLOCK_V)
     scale = tl.full([], inv_tau, acc_ty)
     n_chunks = (V + BLOCK_V - 1) // BLOCK_V
-    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row = tl.full([], r, tl.int64)
+    r = tl.program_id(0)
+    while r < n_rows:
+        row = r.to(tl.int64)
         s = row // T
         t = row - s * T
         out_base = out_ptr + s * out_stride_s + t * out_stride_t
@@ -198,9 +211,11 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             tl.store(logp_ptr + row, 0.0)
             tl.store(lse_ptr + row, 0.0)
             tl.store(ent_ptr + row, 0.0)
-            for start in range(0, V, BLOCK_V):
+            start = 0
+            while start < V:
                 cols = start + offs
                 tl.store(out_base + cols, tl.full([BLOCK_V], 0.0, out_ty), mask=cols < V)
+                start += BLOCK_V
         else:
             base = logits_ptr + s * stride_s + t * stride_t
             # Pass 1: online max / sum-exp (and the entropy sum) over the row, as in _fwd_kernel.
@@ -208,7 +223,8 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             m = tl.full([], float("-inf"), acc_ty)
             l_other = tl.full([], 0.0, acc_ty)
             w = tl.full([], 0.0, acc_ty)
-            for start in range(0, V, BLOCK_V):
+            start = 0
+            while start < V:
                 cols = start + offs
                 z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
                 m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
@@ -219,6 +235,7 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
                 if WITH_ENTROPY:
                     w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
                 m = m_new
+                start += BLOCK_V
             zy = tl.load(base + y).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
             e_y = tl.exp(zy - m)
             l = l_other + e_y
@@ -239,7 +256,8 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             # The target's 1 - p_y is l_other / l: no cancellation when p_y ~ 1.
             c = tl.load(coef_ptr + row) * scale
             c_y = c * (l_other / l)
-            for i in range(0, n_chunks):
+            i = 0
+            while i < n_chunks:
                 cols = (n_chunks - 1 - i) * BLOCK_V + offs
                 z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(acc_ty) * scale
                 p = tl.exp(z - lse)
@@ -250,6 +268,8 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
                     tl.store(out_base + cols, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=cols < V)
                 else:
                     tl.store(out_base + cols, grad.to(out_ty), mask=cols < V)
+                i += 1
+        r += tl.num_programs(0)
 
 
 def _interpreting() -> bool:

@@ -53,6 +53,20 @@ def test_kernels_are_built_per_interpreter_flag(monkeypatch):
     assert all(isinstance(k, InterpretedFunction) for k in tk._kernels())
 
 
+def test_kernel_loops_avoid_range_with_runtime_bounds():
+    """The interpreter of Triton <= 3.6 calls ``int()`` on ``range``'s runtime bounds (1-element arrays), which
+    NumPy >= 2.4 rejects (triton-lang/triton#9171): the kernels loop with ``while`` instead. Guards the fix
+    on newer Triton too, where the interpreter tests pass either way."""
+    import ast
+    import inspect
+    import textwrap
+    for fn in (tk._fwd_kernel, tk._bwd_kernel, tk._fwd_grad_kernel):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+        assert not loops, f"{fn.__name__} has a for loop at line {loops[0].lineno}; use while (see module doc)"
+        assert any(isinstance(n, ast.While) for n in ast.walk(tree))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The kernel-module functions, directly
 # ----------------------------------------------------------------------------------------------------------
