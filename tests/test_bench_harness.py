@@ -304,6 +304,7 @@ def test_cli_end_to_end_quick(tmp_path, capsys):
                "--impls", "torch,unfused-eager", "--output-dir", str(tmp_path), "--no-progress"])
     assert rc == 0
     data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["meta"]["peers"]) == {"liger-kernel", "trl"}  # versions, or None when not installed
     rows = data["rows"]
     torch_rows = [r for r in rows if r["impl"] == "torch" and r["op"] == "grpo_loss"]
     assert {r["mode"] for r in torch_rows} == {"fwd", "fwd_bwd"}

@@ -53,6 +53,19 @@ def device_name(device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
+def peer_versions() -> Dict[str, Optional[str]]:
+    """Installed versions of the peers a run may compare against (None = not installed)."""
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {}
+    for dist in ("liger-kernel", "trl"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def run_metadata(device, *, copy_bw_gbps: Optional[float], cold_l2: bool, quick: bool,
                  argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """The stamp every row carries, plus run-level facts (threads, load, copy bandwidth)."""
@@ -73,7 +86,8 @@ def run_metadata(device, *, copy_bw_gbps: Optional[float], cold_l2: bool, quick:
                        torch_cuda=torch.version.cuda, triton=triton_version, grpo_kernels=__version__, git_commit=commit or "unknown",
                        git_dirty=bool(modified), git_modified=modified, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        torch_threads=torch.get_num_threads(), copy_bw_gbps=copy_bw_gbps, cold_l2=cold_l2, quick=quick,
-                       python=platform.python_version(), argv=list(argv) if argv is not None else None)
+                       python=platform.python_version(), peers=peer_versions(),
+                       argv=list(argv) if argv is not None else None)
     if device.type == "cpu":
         try:
             meta["loadavg_at_start"] = [float(x) for x in open("/proc/loadavg").read().split()[:3]]
@@ -171,6 +185,9 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
                  f"torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('torch_threads')} torch threads")
     lines.append(f"- device copy bandwidth measured in this run: **{_fmt(bw)} GB/s** (read + write of a large tensor)"
                  f"{'; L2-cold timing' if meta.get('cold_l2') else ''}{'; --quick' if meta.get('quick') else ''}")
+    peers = {k: v for k, v in (meta.get("peers") or {}).items() if v}
+    if peers:
+        lines.append("- peers installed: " + ", ".join(f"{k} {v}" for k, v in peers.items()))
     if "loadavg_at_start" in meta:
         lines.append(f"- load average at start: {meta['loadavg_at_start']} (CPU timings are sensitive to other load)")
     lines.append("- ms: median [p10–p90]; GB/s: the ideal byte count of the case (same for every row of a case; "
