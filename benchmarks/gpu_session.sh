@@ -89,7 +89,8 @@ fi
 if want sweep; then
   log "sweep: Triton launch parameters at V=151936"
   timeout "$SWEEP_S" "$PY" -m grpo_kernels.cli sweep --device cuda --no-progress --vocab 151936 --tokens 8192 \
-    --block-v auto,8192,16384 --num-warps auto,8,16 --programs auto,1,2,4 --output "$OUT/sweep.json" \
+    --kernels fwd_grad,fwd --block-v auto,8192,16384 --num-warps auto,8,16 --programs auto,0.5,1,2 \
+    --output "$OUT/sweep.json" \
     >/dev/null 2>>"$LOG"
   log "sweep rc=$?"
 fi

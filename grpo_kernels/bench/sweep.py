@@ -40,18 +40,26 @@ KERNELS = ("fwd", "bwd", "fwd_grad")
 _IDEAL_FACTOR = {"fwd": 1, "bwd": 2, "fwd_grad": 2}
 
 
-def _csv_ints(text: str) -> List[Optional[int]]:
-    out: List[Optional[int]] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part in ("", "auto", "default"):
-            out.append(None)
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'auto', got {part!r}") from None
-    return out
+def _csv_nums(parse, what: str):
+    def convert(text: str) -> list:
+        out: list = []
+        for part in text.split(","):
+            part = part.strip()
+            if part in ("", "auto", "default"):
+                out.append(None)
+                continue
+            try:
+                value = parse(part)
+            except ValueError:
+                value = None
+            if value is None or value <= 0:
+                raise argparse.ArgumentTypeError(f"expected comma-separated positive {what} or 'auto', got {part!r}")
+            out.append(value)
+        return out
+    return convert
+
+
+_csv_ints = _csv_nums(int, "integers")
 
 
 def _inputs(N: int, V: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -69,7 +77,7 @@ def _inputs(N: int, V: int, dtype: torch.dtype, device: torch.device, seed: int 
 def _configs(kernel: str, block_vs, warps, programs, sms: int):
     progs = [None] if kernel != "fwd_grad" else programs
     for bv, nw, p in itertools.product(block_vs, warps, progs):
-        yield {"block_v": bv, "num_warps": nw, "programs": None if p is None else p * sms}
+        yield {"block_v": bv, "num_warps": nw, "programs": None if p is None else max(1, round(p * sms))}
 
 
 def _call(tk, kernel: str, inp, cfg: dict):
@@ -239,8 +247,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of fwd,bwd,fwd_grad")
     p.add_argument("--block-v", type=_csv_ints, default=None, help="BLOCK_V values ('auto' = heuristic)")
     p.add_argument("--num-warps", type=_csv_ints, default=None, help="num_warps values ('auto' = heuristic)")
-    p.add_argument("--programs", type=_csv_ints, default=None,
-                   help="one-pass grid sizes in multiples of the SM count ('auto' = heuristic)")
+    p.add_argument("--programs", type=_csv_nums(float, "numbers"), default=None,
+                   help="one-pass grid sizes in multiples of the SM count, e.g. auto,0.5,1,2 ('auto' = heuristic)")
     p.add_argument("--cold-l2", action="store_true", help="overwrite a 256 MB buffer between repetitions")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds: checks that it runs")
     p.add_argument("--no-cuda", action="store_true", help="leave out the CUDA C++ kernels' rows")
@@ -266,7 +274,7 @@ def run(args) -> int:
         vocab, tokens = args.vocab or [151936, 262144], 8192 if args.tokens is None else args.tokens
         block_vs = args.block_v or [None, 4096, 8192, 16384]
         warps = args.num_warps or [None, 4, 8, 16]
-        programs = args.programs or [None, 1, 2, 4, 8]
+        programs = args.programs or [None, 0.5, 1, 2, 4]
     if any(v is None or v < 1 for v in vocab) or tokens < 1:
         print("grpo-kernels sweep: --vocab and --tokens must be positive integers", file=sys.stderr)
         return 2
