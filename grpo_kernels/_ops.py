@@ -16,6 +16,8 @@ writes the gradient once (DESIGN.md §6). Masked rows are never read.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Tuple
 
 import torch
@@ -30,8 +32,31 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_IDS_VALIDATED = contextvars.ContextVar("grpo_kernels_ids_validated", default=False)
+
+
+@contextlib.contextmanager
+def ids_validated():
+    """Inside this block the ops skip their own token-id check (:func:`_check_ids`, a host sync on CUDA): the
+    caller has just validated the very token tensors it passes (``validation.check_tokens``: every id in
+    ``[0, V)`` or ``-100``, and ``-100`` rows are never read). The public functions enter it in eager mode only:
+    under ``torch.compile`` validation is skipped while tracing, so the ops keep checking at run time."""
+    token = _IDS_VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_VALIDATED.reset(token)
+
+
+def validated_ids_context():
+    """:func:`ids_validated` in eager mode, a no-op context while ``torch.compile`` traces."""
+    return contextlib.nullcontext() if _v._is_compiling() else ids_validated()
+
+
 def _check_ids(logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
     # The kernels' own guard: an out-of-range id on a row they will read would be an out-of-bounds load.
+    if _IDS_VALIDATED.get():
+        return
     V = logits.shape[-1]
     bad = mask & ((tokens < 0) | (tokens >= V))
     if bool(bad.any()):

@@ -117,9 +117,11 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
             def value_fn(logp, ent):
                 return _ref.loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
 
-            return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, temperature, return_metrics, impl)
-        logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, temperature, return_metrics, impl,
-                                              inplace_backward=inplace_backward)
+            with _ops.validated_ids_context():  # tokens were checked above: the op skips its own check
+                return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, temperature, return_metrics, impl)
+        with _ops.validated_ids_context():
+            logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, temperature, return_metrics, impl,
+                                                  inplace_backward=inplace_backward)
     m = _ref.effective_mask(tokens, mask, logp.dtype)
     return _ref.loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
 
@@ -194,7 +196,8 @@ def token_logprobs(logits: Tensor,  # (..., V)
         l3 = logits.reshape(-1, lead[-1], V)
         t3 = tokens.reshape(-1, lead[-1])
         m3 = None if mask is None else mask.reshape(-1, lead[-1])
-    logp, ent = _ops.fused_token_logprobs(l3, t3, m3, temperature, return_entropy, impl)
+    with _ops.validated_ids_context():  # tokens were checked above: the op skips its own check
+        logp, ent = _ops.fused_token_logprobs(l3, t3, m3, temperature, return_entropy, impl)
     logp = logp.reshape(lead)
     if return_entropy:
         return logp, ent.reshape(lead)

@@ -12,6 +12,7 @@ launchers re-check token ids themselves, so an out-of-range id never reaches a k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -32,6 +33,51 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
+
+
+class DeviceChecks:
+    """Value checks on tensor contents (token ids in range, finite rewards), gathered so that a whole argument
+    list costs one device-to-host transfer instead of one per check: on CUDA each transfer is a host sync.
+
+    ``add(bad, fail)`` records a 0-dim bool tensor that is True when the input is bad and a callable that raises
+    the error (it may inspect the tensor further: that runs only on the error path); ``run()`` transfers every
+    flag at once and calls the first failing ``fail``. Used as a context manager, ``run()`` happens on exit.
+    """
+
+    def __init__(self):
+        self._flags = []
+        self._fails = []
+
+    def add(self, bad: torch.Tensor, fail) -> None:
+        self._flags.append(bad.reshape(()))
+        self._fails.append(fail)
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        flags, fails = self._flags, self._fails
+        self._flags, self._fails = [], []
+        bad = _flags_to_host(flags)
+        for is_bad, fail in zip(bad, fails):
+            if is_bad:
+                fail()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.run()
+
+
+def _flags_to_host(flags) -> list:
+    """The one device-to-host transfer of :class:`DeviceChecks` (a list of Python bools)."""
+    if len(flags) == 1:
+        return [bool(flags[0])]
+    devices = {f.device for f in flags}
+    if len(devices) == 1:
+        return torch.stack(flags).tolist()
+    return [bool(f) for f in flags]  # flags on several devices (the caller's error is reported elsewhere)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -99,7 +145,10 @@ def check_logits(logits, name: str = "logits", ndim: Optional[int] = 3) -> None:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
 
 
-def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens") -> None:
+def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens",
+                 checks: Optional[DeviceChecks] = None) -> None:
+    """Integer ids of ``shape`` on ``device``, each in ``[0, num_classes)`` or ``-100``. The range check is
+    deferred to ``checks`` when given (else run at once)."""
     check_tensor(name, tokens, device=device)
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (token ids), got {tokens.dtype}")
@@ -108,10 +157,14 @@ def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens") 
                          f"got {tuple(tokens.shape)}")
     if tokens.numel() and not _is_compiling():
         bad = (tokens >= num_classes) | ((tokens < 0) & (tokens != IGNORE_INDEX))
-        if bool(bad.any()):
+
+        def fail():
             first = tokens[bad][0].item()
             raise ValueError(f"{name} must hold ids in [0, {num_classes}) or {IGNORE_INDEX} (ignored); "
                              f"found {first} (vocabulary size V={num_classes})")
+
+        with (contextlib.nullcontext(checks) if checks is not None else DeviceChecks()) as c:
+            c.add(bad.any(), fail)
 
 
 def check_mask(mask, shape, device, name: str = "mask") -> None:
@@ -124,7 +177,7 @@ def check_mask(mask, shape, device, name: str = "mask") -> None:
         raise TypeError(f"{name} must be bool or real-valued, got {mask.dtype}")
 
 
-def check_rewards_like(name: str, t, num_sequences: int, device) -> None:
+def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optional[DeviceChecks] = None) -> None:
     check_tensor(name, t, device=device)
     if t.dtype.is_complex:
         raise TypeError(f"{name} must be real-valued, got {t.dtype}")
@@ -136,8 +189,11 @@ def check_rewards_like(name: str, t, num_sequences: int, device) -> None:
         raise ValueError(f"{name} must have one value per sequence: expected length {num_sequences} "
                          f"(= logits.shape[0]), got {t.shape[0]}")
     if t.is_floating_point() and t.numel() and not _is_compiling():
-        if not bool(torch.isfinite(t.detach()).all()):
+        def fail():
             raise ValueError(f"{name} must be finite; got NaN or inf in {name}")
+
+        with (contextlib.nullcontext(checks) if checks is not None else DeviceChecks()) as c:
+            c.add(~torch.isfinite(t.detach()).all(), fail)
 
 
 def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, device, tokens, rewards, mask,
@@ -175,20 +231,22 @@ def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, devic
             raise ValueError(f"num_items_in_batch is only used by loss_type='dapo', got loss_type={loss_type!r}")
 
     shape = (num_sequences, seq_len)
-    check_tokens(tokens, shape, num_classes, device)
+    checks = DeviceChecks()  # the content checks of tokens, rewards and advantages: one host sync in all
+    check_tokens(tokens, shape, num_classes, device, checks=checks)
     check_mask(mask, shape, device)
     if advantages is not None:
         if loss_type == "softmax":
             raise ValueError("advantages= is only used by the clipped loss types (grpo, bnpo, dr_grpo, dapo); "
                              "loss_type='softmax' weights sequences by softmax(rewards/beta): pass rewards")
-        check_rewards_like("advantages", advantages, num_sequences, device)
+        check_rewards_like("advantages", advantages, num_sequences, device, checks=checks)
         if not advantages.is_floating_point():
             raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
         if rewards is not None:
-            check_rewards_like("rewards", rewards, num_sequences, device)
+            check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
     else:
         if rewards is None:
             raise TypeError("rewards must be a tensor of shape (S,) (or pass advantages= for a clipped loss type)")
-        check_rewards_like("rewards", rewards, num_sequences, device)
+        check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         check_tensor(name, t, shape=shape, floating=True, device=device, allow_none=True)
+    checks.run()

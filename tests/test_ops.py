@@ -176,3 +176,50 @@ def test_torch_compile_fullgraph_cpu(loss_type, old):
     (e,) = torch.autograd.grad(exp, z2)
     torch.testing.assert_close(compiled(z, tok, r, m), exp.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host syncs: one transfer for all content checks; the ops trust ids validated by the public functions
+# ----------------------------------------------------------------------------------------------------------
+def test_content_checks_cost_one_host_transfer(monkeypatch):
+    from grpo_kernels import validation as val
+
+    calls = []
+    real = val._flags_to_host
+    monkeypatch.setattr(val, "_flags_to_host", lambda flags: calls.append(len(flags)) or real(flags))
+    z, tok, m, r = _inputs()
+    L.grpo_loss(z, tok, r, m, group_size=G, loss_type="grpo", advantages=r.clone(), backend="torch")
+    assert calls == [3]  # token range, finite advantages, finite rewards: one transfer
+    calls.clear()
+    L.grpo_loss(z, tok, r, m, group_size=G, backend="torch")
+    assert calls == [2]
+    # errors still name the argument; with several bad arguments, the first in argument order
+    bad_tok, bad_r = tok.clone(), r.clone()
+    bad_tok[1, 1] = V
+    bad_r[0] = float("nan")
+    with pytest.raises(ValueError, match="tokens must hold ids"):
+        L.grpo_loss(z, bad_tok, bad_r, m, group_size=G, backend="torch")
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        L.grpo_loss(z, tok, bad_r, m, group_size=G, backend="torch")
+
+
+def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
+    import grpo_kernels as gk
+    from grpo_kernels import cpp_ext
+
+    seen = []
+    for name in ("logprobs_fwd", "logprobs_fwd_grad"):
+        monkeypatch.setattr(cpp_ext, name, lambda *a, _real=getattr(cpp_ext, name), **k:
+                            seen.append(_ops._IDS_VALIDATED.get()) or _real(*a, **k))
+    z, tok, m, r = _inputs()
+    gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, backend="cpu")  # one pass
+    gk.grpo_loss(z, tok, r, m, group_size=G, backend="cpu")  # no grad: forward op
+    gk.token_logprobs(z, tok, backend="cpu")
+    assert seen == [True, True, True] and _ops._IDS_VALIDATED.get() is False
+    # called directly, the op checks the ids itself before any kernel runs
+    seen.clear()
+    bad = tok.clamp(min=0)
+    bad[0, 0] = V
+    with pytest.raises(ValueError, match="tokens must hold ids"):
+        torch.ops.grpo_kernels.logprobs_fwd(z, bad, torch.ones(S, T, dtype=torch.bool), 1.0, False, "cpu")
+    assert seen == []
