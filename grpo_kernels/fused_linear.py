@@ -159,6 +159,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            max_completion_length: Optional[int] = None,
                            num_items_in_batch=None,
                            importance_sampling_level: str = "token",
+                           loss_scale: float = 1.0,
                            return_metrics: bool = False,
                            backend: str = "auto",
                            grad_weight_accumulation: str = "auto"):
@@ -179,6 +180,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
             CPU, ``min(512 MiB, free/8)`` on GPU).
         backend: kernel for the per-chunk log-prob/gradient: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``
             or ``"cpu"`` (the GEMMs are always torch's).
+        loss_scale: as in :func:`grpo_kernels.grpo_loss` (pass ``1/k`` under gradient accumulation: the
+            gradients computed in the forward then need no rescaling in the backward).
         grad_weight_accumulation: ``"auto"`` (default), ``"fp32"`` or ``"weight"``: what half-precision
             ``grad_weight`` is accumulated in across chunks (module docstring; fp32/fp64 weights: no effect).
 
@@ -197,7 +200,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     kw = dict(group_size=group_size, loss_type=loss_type, beta=beta, old_logprobs=old_logprobs,
               ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
               scale_rewards=scale_rewards, advantages=advantages, max_completion_length=max_completion_length,
-              num_items_in_batch=num_items_in_batch, importance_sampling_level=importance_sampling_level)
+              num_items_in_batch=num_items_in_batch, importance_sampling_level=importance_sampling_level,
+              loss_scale=loss_scale)
     _v.check_loss_args(num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, tokens=tokens,
                        rewards=rewards, mask=mask, temperature=temperature, backend=backend, **kw)
     impl = _backends.resolve_backend(backend, hidden.device)

@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 _LOSS_DEFAULTS = dict(loss_type="softmax", beta=0.1, temperature=1.0, old_logprobs=None, ref_logprobs=None,
                       kl_coef=0.0, epsilon=0.2, epsilon_high=None, delta=None, scale_rewards="group",
                       advantages=None, max_completion_length=None, num_items_in_batch=None,
-                      importance_sampling_level="token", return_metrics=False, backend="auto",
+                      importance_sampling_level="token", loss_scale=1.0, return_metrics=False, backend="auto",
                       inplace_backward=False)
 
 
@@ -46,6 +46,7 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
               max_completion_length: Optional[int] = None,
               num_items_in_batch=None,
               importance_sampling_level: str = "token",
+              loss_scale: float = 1.0,
               return_metrics: bool = False,
               backend: str = "auto",
               inplace_backward: bool = False):
@@ -73,6 +74,12 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
         max_completion_length: dr_grpo normalizer (default T).
         num_items_in_batch: dapo normalizer (default: valid tokens in this batch).
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        loss_scale: multiplies the returned loss (and so its gradient); metrics are not scaled. Under gradient
+            accumulation over ``k`` micro-batches pass ``loss_scale=1/k`` and call ``loss.backward()`` instead
+            of ``(loss / k).backward()``: the one-pass path computes the gradient already scaled during the
+            forward, so its backward has nothing left to do, while a ``grad_output != 1`` costs one more pass
+            over the ``[S, T, V]`` gradient (a read and a write) and, for half-precision logits, a second
+            rounding of it.
         return_metrics: also return a dict of detached 0-dim tensors: ``kl``, ``entropy``,
             ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``logprob``,
             ``num_tokens``.
@@ -100,7 +107,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
     kw = dict(group_size=group_size, loss_type=loss_type, beta=beta, old_logprobs=old_logprobs,
               ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
               scale_rewards=scale_rewards, advantages=advantages, max_completion_length=max_completion_length,
-              num_items_in_batch=num_items_in_batch, importance_sampling_level=importance_sampling_level)
+              num_items_in_batch=num_items_in_batch, importance_sampling_level=importance_sampling_level,
+              loss_scale=loss_scale)
     _v.check_loss_args(num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
                        rewards=rewards, mask=mask, temperature=temperature, backend=backend, **kw)
     impl = _backends.resolve_backend(backend, logits.device)

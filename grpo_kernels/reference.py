@@ -151,6 +151,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
                        max_completion_length: Optional[int] = None,
                        num_items_in_batch=None,
                        importance_sampling_level: str = "token",
+                       loss_scale: float = 1.0,
                        return_metrics: bool = False,
                        entropy: Optional[Tensor] = None,  # (S, T), metrics only
                        ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
@@ -220,6 +221,8 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
                 metrics["clip_ratio/high_mean"] = (m * high).sum() / denom_all
                 metrics["clip_ratio/region_mean"] = (m * torch.maximum(low, high)).sum() / denom_all
 
+    if loss_scale != 1.0:
+        loss = loss * loss_scale
     if not return_metrics:
         return loss
     with torch.no_grad():
@@ -263,6 +266,7 @@ def grpo_loss(logits: Tensor,  # (S, T, V)
               max_completion_length: Optional[int] = None,
               num_items_in_batch=None,
               importance_sampling_level: str = "token",
+              loss_scale: float = 1.0,
               return_metrics: bool = False,
               backend: str = "torch"):
     """Eager GRPO loss; same signature and outputs as :func:`grpo_kernels.grpo_loss`."""
@@ -276,7 +280,7 @@ def grpo_loss(logits: Tensor,  # (S, T, V)
               ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high,
               delta=delta, scale_rewards=scale_rewards, advantages=advantages,
               max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-              importance_sampling_level=importance_sampling_level)
+              importance_sampling_level=importance_sampling_level, loss_scale=loss_scale)
     _v.check_loss_args(num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
                        rewards=rewards, mask=mask, temperature=temperature, **kw)
     out = token_logprobs(logits, tokens, temperature, return_entropy=return_metrics)

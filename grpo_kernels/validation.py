@@ -199,7 +199,7 @@ def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optiona
 def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, device, tokens, rewards, mask,
                     group_size, loss_type, beta, temperature, old_logprobs, ref_logprobs, kl_coef, epsilon,
                     epsilon_high, delta, scale_rewards, advantages, max_completion_length, num_items_in_batch,
-                    importance_sampling_level, backend="auto") -> None:
+                    importance_sampling_level, loss_scale=1.0, backend="auto") -> None:
     """Validate everything ``grpo_loss`` takes except the logits themselves (checked by ``check_logits``).
 
     ``num_sequences``/``seq_len``/``num_classes`` are S, T, V taken from the logits (or hidden/weight).
@@ -220,6 +220,7 @@ def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, devic
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
         raise TypeError(f"kl_coef must be a finite number, got {kl_coef!r}")
     check_int("max_completion_length", max_completion_length, minimum=1, allow_none=True)
+    check_positive_number("loss_scale", loss_scale)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:

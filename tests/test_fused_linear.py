@@ -297,3 +297,16 @@ def test_gpu_default_chunk_and_accumulation_fit_the_memory_budget():
     grads = hidden.numel() * 2 + weight.numel() * 2
     assert extra <= grads + (640 << 20), (extra / 2 ** 30, grads / 2 ** 30)
     assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("opts", [{"loss_type": "softmax"}, {"loss_type": "grpo", "old": True}])
+def test_loss_scale(opts):
+    """loss_scale matches the reference's (itself checked to equal scaling the loss, tests/test_ops.py), in both
+    the one-phase and the two-phase schedule."""
+    (loss, _, grads), (eloss, _, egrads), _, _ = _compare({**opts, "loss_scale": 0.25})
+    torch.testing.assert_close(loss, eloss, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, egrads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    (loss1, _, grads1), _, _, _ = _compare(dict(opts))
+    torch.testing.assert_close(loss, 0.25 * loss1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1], 0.25 * grads1[1], rtol=1e-9, atol=1e-12)

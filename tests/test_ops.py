@@ -223,3 +223,59 @@ def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
     with pytest.raises(ValueError, match="tokens must hold ids"):
         torch.ops.grpo_kernels.logprobs_fwd(z, bad, torch.ones(S, T, dtype=torch.bool), 1.0, False, "cpu")
     assert seen == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss_scale: the gradient-accumulation factor inside the loss, so the one-pass backward has nothing to rescale
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("loss_type, old", [("softmax", False), ("dapo", False), ("grpo", True)])
+def test_loss_scale_equals_scaling_the_loss(backend, loss_type, old):
+    import grpo_kernels as gk
+
+    z, tok, m, r = _inputs()
+    kw = dict(group_size=G, loss_type=loss_type, return_metrics=True,
+              old_logprobs=torch.full((S, T), -4.0) if old else None)
+    z1, r1 = z.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    loss1, met1 = gk.grpo_loss(z1, tok, r1, m, backend=backend, loss_scale=0.25, **kw)
+    loss1.backward()
+    z2, r2 = z.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    loss2, met2 = ref.grpo_loss(z2, tok, r2, m, **kw)
+    (0.25 * loss2).backward()
+    torch.testing.assert_close(loss1, 0.25 * loss2.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-5, atol=1e-7)
+    assert met1.keys() == met2.keys()
+    for k in met1:  # metrics are not scaled
+        torch.testing.assert_close(met1[k], met2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scale_leaves_no_rescaling_pass_for_the_backward(monkeypatch):
+    """One pass with loss_scale=1/k and backward() at grad_output 1: the stored gradient is handed on as is
+    (no in-place multiply of the [S, T, V] buffer); (loss / k).backward() needs that multiply."""
+    import grpo_kernels as gk
+
+    big = []
+    real = torch.Tensor.mul_
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda t, *a, **k: big.append(t.numel() == S * T * V) or real(t, *a, **k))
+    z, tok, m, r = _inputs()
+    zz = z.clone().requires_grad_(True)
+    gk.grpo_loss(zz, tok, r, m, group_size=G, backend="cpu", loss_scale=0.5).backward()
+    assert not any(big)
+    g1 = zz.grad.clone()
+    zz.grad = None
+    (gk.grpo_loss(zz, tok, r, m, group_size=G, backend="cpu") / 2).backward()
+    assert any(big)
+    torch.testing.assert_close(zz.grad, g1, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("value, exc", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                        ("1", TypeError), (torch.tensor(1.0), TypeError)])
+def test_loss_scale_is_validated(value, exc):
+    import grpo_kernels as gk
+
+    z, tok, m, r = _inputs()
+    with pytest.raises(exc, match="loss_scale"):
+        gk.grpo_loss(z, tok, r, m, group_size=G, loss_scale=value)
+    with pytest.raises(exc, match="loss_scale"):
+        ref.grpo_loss(z, tok, r, m, group_size=G, loss_scale=value)

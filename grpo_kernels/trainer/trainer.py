@@ -5,7 +5,7 @@ One :meth:`GRPOTrainer.training_step` does, for this process's share of the step
     generate G responses per prompt (HF ``generate``; skipped for offline rows that carry responses)
     score them (rule rewards / reward model, weighted; skipped for rows that carry rewards)
     [old log-probs if num_iterations > 1]  [reference log-probs if kl_coef > 0]
-    num_iterations times:  for each micro-batch of prompts: loss = grpo_loss(...) / accumulation; backward
+    num_iterations times:  for each micro-batch of prompts: loss = grpo_loss(..., loss_scale=1/accumulation); backward
                            clip gradients; AdamW step; LR scheduler step
 
 The loss is :func:`grpo_kernels.grpo_loss` on the completion logits (``logits[:, t]`` of the full sequence
@@ -407,7 +407,8 @@ class GRPOTrainer:
                   delta=cfg.delta, scale_rewards=cfg.scale_rewards,
                   max_completion_length=cfg.max_completion_length or cfg.max_new_tokens,
                   importance_sampling_level=cfg.importance_sampling_level, return_metrics=True, backend=cfg.backend,
-                  advantages=advantages, num_items_in_batch=batch_terms.get("num_items_in_batch"))
+                  advantages=advantages, num_items_in_batch=batch_terms.get("num_items_in_batch"),
+                  loss_scale=1.0 / cfg.gradient_accumulation_steps)
         if self._fused_linear is not None:
             hidden = self._forward_logits(self.model, rollout, sl, with_hidden=True)
             head = self.unwrapped.get_output_embeddings()
@@ -467,9 +468,10 @@ class GRPOTrainer:
                 last = k == cfg.gradient_accumulation_steps - 1
                 sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.model.no_sync()
                 with sync:
+                    # loss_scale = 1/k inside the loss: the fused one-pass gradient needs no rescaling pass
                     loss, m = self._loss(rollout, sl, rewards, old_lp, ref_lp, batch_terms)
-                    (loss / cfg.gradient_accumulation_steps).backward()
-                acc["loss"] = acc.get("loss", 0.0) + loss.item()
+                    loss.backward()
+                acc["loss"] = acc.get("loss", 0.0) + loss.item() * cfg.gradient_accumulation_steps
                 for key, v in m.items():
                     acc[key] = acc.get(key, 0.0) + float(v)
                 count += 1
