@@ -416,7 +416,10 @@ class GRPOTrainer:
             if w.dtype != hidden.dtype:  # bf16 autocast over an fp32 model: the head runs in bf16, as autocast would
                 w = w.to(hidden.dtype)
                 b = None if b is None else b.to(hidden.dtype)
-            return self._fused_linear(hidden, w, tokens, rewards, cm, bias=b, **kw)
+            # fp32 master weights under bf16 autocast: sum the head's gradient over chunks in fp32 (one rounding,
+            # as the unfused autocast backward has) rather than in bf16
+            acc = "fp32" if head.weight.dtype == torch.float32 else "auto"
+            return self._fused_linear(hidden, w, tokens, rewards, cm, bias=b, grad_weight_accumulation=acc, **kw)
         logits = self._forward_logits(self.model, rollout, sl)
         return grpo_loss(logits, tokens, rewards, cm, **kw)
 
