@@ -84,17 +84,26 @@ def grad_weight_accumulator_dtype(accumulation: str, weight_dtype: torch.dtype, 
     return torch.float32 if accumulation == "fp32" else weight_dtype
 
 
-def _accumulate_grad_weight(grad_w: Tensor, g: Tensor, hc: Tensor) -> None:
-    """``grad_w += g.T @ hc``. Same dtype: one ``addmm_`` (fp32 accumulation inside the GEMM). fp32 accumulator
-    with half-precision ``g``/``hc``: slab by slab of the vocabulary, so the half-precision product (16 MiB)
-    and the fp32 copy CPU's mixed-dtype ``+=`` makes of it stay small instead of ``V × H``."""
+def _accumulate_grad_weight(grad_w: Tensor, g: Tensor, hc: Tensor, first: bool) -> None:
+    """``grad_w += g.T @ hc`` (``grad_w = g.T @ hc`` for the ``first`` chunk: the buffer is neither zero-filled
+    nor read, which saves two passes over the ``V × H`` gradient). Same dtype: one GEMM (fp32 accumulation
+    inside it). fp32 accumulator with half-precision ``g``/``hc``: slab by slab of the vocabulary, so the
+    half-precision product (16 MiB) and the fp32 copy CPU's mixed-dtype ``+=`` makes of it stay small instead
+    of ``V × H``."""
     if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), hc)
+        if first:
+            torch.mm(g.t(), hc, out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), hc)
         return
     V, H = grad_w.shape
     slab = max(1, _SLAB_BYTES // max(1, H * g.element_size()))
     for v0 in range(0, V, slab):
-        grad_w[v0:v0 + slab] += g[:, v0:v0 + slab].t() @ hc
+        part = g[:, v0:v0 + slab].t() @ hc
+        if first:
+            grad_w[v0:v0 + slab].copy_(part)
+        else:
+            grad_w[v0:v0 + slab] += part
 
 
 def _check_linear_args(hidden, weight, bias, chunk_size) -> None:
@@ -264,7 +273,9 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         want_w = weight.requires_grad
         want_b = bias is not None and bias.requires_grad
         grad_h = torch.zeros_like(h2) if want_h else None
-        grad_w = torch.zeros(V, H, dtype=grad_w_dtype, device=hidden.device) if want_w else None
+        # written by the first chunk's GEMM (no zero fill); zeros when no row is kept
+        alloc = torch.empty if n > 0 else torch.zeros
+        grad_w = alloc(V, H, dtype=grad_w_dtype, device=hidden.device) if want_w else None
         grad_b = torch.zeros(V, dtype=acc, device=hidden.device) if want_b else None
         with torch.no_grad():
             for a in range(0, n, chunk):
@@ -282,7 +293,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                 if grad_h is not None:
                     grad_h.index_copy_(0, idx, g @ w)
                 if grad_w is not None:
-                    _accumulate_grad_weight(grad_w, g, hc)
+                    _accumulate_grad_weight(grad_w, g, hc, first=a == 0)
                 if grad_b is not None:
                     grad_b += g.sum(0, dtype=grad_b.dtype)
                 del z, g, hc
