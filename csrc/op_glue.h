@@ -5,6 +5,7 @@
 //   static constexpr c10::DeviceType type;                       // CPU or CUDA
 //   struct Guard { explicit Guard(const at::Tensor& logits); };  // device guard for the op's duration
 //   static void check_ids(const at::Tensor& tokens, const at::Tensor& mask, int64_t V);  // ids in range
+//                                                               (skipped when the op's check_ids is false)
 //   static at::Tensor new_grad(const at::Tensor& logits);        // a fresh gradient buffer
 //   static void run(Kind kind, at::ScalarType dtype, const RowProblem& p);  // launch the row kernel
 //
@@ -33,12 +34,12 @@ struct RowOps {
   // Checks the common arguments and returns the problem over contiguous copies of tokens and mask (kept alive in
   // `keep`, since the problem holds raw pointers into them).
   static RowProblem problem(const Tensor& logits, const Tensor& tokens, const Tensor& mask, double temperature,
-                            std::tuple<Tensor, Tensor>& keep) {
+                            bool check_ids, std::tuple<Tensor, Tensor>& keep) {
     check_common(logits, tokens, mask, temperature, Dev::type);
     keep = {tokens.contiguous(), mask.contiguous()};
     const Tensor& tok = std::get<0>(keep);
     const Tensor& m = std::get<1>(keep);
-    Dev::check_ids(tok, m, logits.size(2));
+    if (check_ids) Dev::check_ids(tok, m, logits.size(2));
     RowProblem p;
     p.logits = logits.const_data_ptr();
     p.ls_s = logits.stride(0);
@@ -73,10 +74,10 @@ struct RowOps {
   }
 
   static Stats fwd(const Tensor& logits, const Tensor& tokens, const Tensor& mask, double temperature,
-                   bool with_entropy) {
+                   bool with_entropy, bool check_ids) {
     const typename Dev::Guard guard(logits);
     std::tuple<Tensor, Tensor> keep;
-    RowProblem p = problem(logits, tokens, mask, temperature, keep);
+    RowProblem p = problem(logits, tokens, mask, temperature, check_ids, keep);
     Stats out = add_stats(p, logits, with_entropy);
     Dev::run(Kind::Fwd, logits.scalar_type(), p);
     return out;
@@ -84,9 +85,9 @@ struct RowOps {
 
   static void bwd_into(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
                        const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
-                       double temperature, const Tensor& out) {
+                       double temperature, const Tensor& out, bool check_ids) {
     std::tuple<Tensor, Tensor> keep;
-    RowProblem p = problem(logits, tokens, mask, temperature, keep);
+    RowProblem p = problem(logits, tokens, mask, temperature, check_ids, keep);
     check_row_tensor("grad_logp", grad_logp, logits);
     check_row_tensor("lse", lse, logits);
     check_row_tensor("entropy", entropy, logits);
@@ -105,27 +106,27 @@ struct RowOps {
 
   static Tensor bwd(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
                     const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
-                    double temperature) {
+                    double temperature, bool check_ids) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     Tensor out = Dev::new_grad(logits);
-    bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out);
+    bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out, check_ids);
     return out;
   }
 
   static void bwd_out(const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits,
                       const Tensor& tokens, const Tensor& mask, const Tensor& lse, const Tensor& entropy,
-                      double temperature, const Tensor& out) {
+                      double temperature, const Tensor& out, bool check_ids) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     check_out(out, logits);
-    bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out);
+    bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out, check_ids);
   }
 
   static Stats fwd_grad_into(const Tensor& logits, const Tensor& tokens, const Tensor& mask, const Tensor& coef,
-                             double temperature, bool with_entropy, const Tensor& out) {
+                             double temperature, bool with_entropy, const Tensor& out, bool check_ids) {
     std::tuple<Tensor, Tensor> keep;
-    RowProblem p = problem(logits, tokens, mask, temperature, keep);
+    RowProblem p = problem(logits, tokens, mask, temperature, check_ids, keep);
     check_row_tensor("coef", coef, logits);
     Tensor c = coef.contiguous();
     Stats stats = add_stats(p, logits, with_entropy);
@@ -137,20 +138,21 @@ struct RowOps {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_grad(const Tensor& logits, const Tensor& tokens,
                                                              const Tensor& mask, const Tensor& coef,
-                                                             double temperature, bool with_entropy) {
+                                                             double temperature, bool with_entropy,
+                                                             bool check_ids) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     Tensor out = Dev::new_grad(logits);
-    auto [logp, lse, ent] = fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out);
+    auto [logp, lse, ent] = fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids);
     return {logp, lse, ent, out};
   }
 
   static Stats fwd_grad_out(const Tensor& logits, const Tensor& tokens, const Tensor& mask, const Tensor& coef,
-                            double temperature, bool with_entropy, const Tensor& out) {
+                            double temperature, bool with_entropy, const Tensor& out, bool check_ids) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     check_out(out, logits);
-    return fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out);
+    return fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids);
   }
 };
 

@@ -5,18 +5,20 @@
 // bool; per-row tensors (logp, lse, entropy, grad_logp, grad_entropy, coef) (S, T) in fp32 (fp64 for fp64
 // logits). Gradients have the logits' dtype. The *_out variants write the gradient into `out` (the logits'
 // shape and dtype, vocabulary stride 1; it may be the logits tensor itself: each row is read before it is
-// overwritten) and declare that mutation in their schema.
+// overwritten) and declare that mutation in their schema. `check_ids` (default true) checks that every token on a
+// kept row is in [0, V) before any kernel runs (on CUDA a host sync); callers that have just validated the
+// same tokens pass false.
 #include <torch/library.h>
 
 TORCH_LIBRARY(grpo_kernels_C, m) {
-  m.def("logprobs_fwd(Tensor logits, Tensor tokens, Tensor mask, float temperature, bool with_entropy)"
-        " -> (Tensor logp, Tensor lse, Tensor entropy)");
+  m.def("logprobs_fwd(Tensor logits, Tensor tokens, Tensor mask, float temperature, bool with_entropy,"
+        " bool check_ids=True) -> (Tensor logp, Tensor lse, Tensor entropy)");
   m.def("logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor mask,"
-        " Tensor lse, Tensor entropy, float temperature) -> Tensor");
+        " Tensor lse, Tensor entropy, float temperature, bool check_ids=True) -> Tensor");
   m.def("logprobs_bwd_out(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor mask,"
-        " Tensor lse, Tensor entropy, float temperature, Tensor(a!) out) -> ()");
+        " Tensor lse, Tensor entropy, float temperature, Tensor(a!) out, bool check_ids=True) -> ()");
   m.def("logprobs_fwd_grad(Tensor logits, Tensor tokens, Tensor mask, Tensor coef, float temperature,"
-        " bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy, Tensor grad)");
+        " bool with_entropy, bool check_ids=True) -> (Tensor logp, Tensor lse, Tensor entropy, Tensor grad)");
   m.def("logprobs_fwd_grad_out(Tensor logits, Tensor tokens, Tensor mask, Tensor coef, float temperature,"
-        " bool with_entropy, Tensor(a!) out) -> (Tensor logp, Tensor lse, Tensor entropy)");
+        " bool with_entropy, Tensor(a!) out, bool check_ids=True) -> (Tensor logp, Tensor lse, Tensor entropy)");
 }

@@ -17,7 +17,6 @@ writes the gradient once (DESIGN.md §6). Masked rows are never read.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Optional, Tuple
 
 import torch
@@ -32,30 +31,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_IDS_VALIDATED = contextvars.ContextVar("grpo_kernels_ids_validated", default=False)
-
-
-@contextlib.contextmanager
-def ids_validated():
-    """Inside this block the ops skip their own token-id check (:func:`_check_ids`, a host sync on CUDA): the
-    caller has just validated the very token tensors it passes (``validation.check_tokens``: every id in
-    ``[0, V)`` or ``-100``, and ``-100`` rows are never read). The public functions enter it in eager mode only:
-    under ``torch.compile`` validation is skipped while tracing, so the ops keep checking at run time."""
-    token = _IDS_VALIDATED.set(True)
-    try:
-        yield
-    finally:
-        _IDS_VALIDATED.reset(token)
-
-
 def validated_ids_context():
-    """:func:`ids_validated` in eager mode, a no-op context while ``torch.compile`` traces."""
-    return contextlib.nullcontext() if _v._is_compiling() else ids_validated()
+    """:func:`validation.ids_validated` in eager mode, a no-op context while ``torch.compile`` traces (validation
+    is skipped while tracing, so the ops keep checking at run time)."""
+    return contextlib.nullcontext() if _v._is_compiling() else _v.ids_validated()
 
 
 def _check_ids(logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
     # The kernels' own guard: an out-of-range id on a row they will read would be an out-of-bounds load.
-    if _IDS_VALIDATED.get():
+    if _v.ids_are_validated():
         return
     V = logits.shape[-1]
     bad = mask & ((tokens < 0) | (tokens >= V))
@@ -130,11 +114,14 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
         grad_entropy = grad_entropy.to(lse.dtype).contiguous()
     else:
         grad_entropy = None
-    if ctx.inplace:
-        logprobs_bwd_inplace(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
-                             ctx.backend)
-        return logits, None, None, None, None, None, None
-    grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature, ctx.backend)
+    # the forward op checked these very (saved) tokens: the kernels need not check them again
+    with validated_ids_context():
+        if ctx.inplace:
+            logprobs_bwd_inplace(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
+                                 ctx.backend)
+            return logits, None, None, None, None, None, None
+        grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
+                            ctx.backend)
     return grad, None, None, None, None, None, None
 
 

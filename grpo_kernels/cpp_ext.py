@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import validation as _v
+
 Tensor = torch.Tensor
 
 BWD_SUPPORTS = ("out",)
@@ -186,11 +188,18 @@ def _kind(t: Tensor) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Kernel-module contract
 # --------------------------------------------------------------------------------------------------------------
+def _check_ids() -> bool:
+    """The ops' own token-id check (a host sync on CUDA) runs unless the caller has just validated the ids
+    (:func:`grpo_kernels.validation.ids_validated`)."""
+    return not _v.ids_are_validated()
+
+
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float,
                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy)``, each ``(S, T)`` fp32 (fp64 for fp64 logits); see the module docstring."""
     ensure_loaded(_kind(logits))
-    return torch.ops.grpo_kernels_C.logprobs_fwd(logits, tokens, mask, float(temperature), bool(with_entropy))
+    return torch.ops.grpo_kernels_C.logprobs_fwd(logits, tokens, mask, float(temperature), bool(with_entropy),
+                                                 _check_ids())
 
 
 def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
@@ -199,8 +208,10 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
     ensure_loaded(_kind(logits))
     ops = torch.ops.grpo_kernels_C
     if out is None:
-        return ops.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature))
-    ops.logprobs_bwd_out(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature), out)
+        return ops.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature),
+                                _check_ids())
+    ops.logprobs_bwd_out(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature), out,
+                         _check_ids())
     return out
 
 
@@ -214,9 +225,10 @@ def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor
     ensure_loaded(_kind(logits))
     ops = torch.ops.grpo_kernels_C
     if out is None:
-        return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy))
+        return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
+                                     _check_ids())
     logp, lse, ent = ops.logprobs_fwd_grad_out(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                               out)
+                                               out, _check_ids())
     return logp, lse, ent, out
 
 
@@ -239,23 +251,23 @@ def _register_fakes() -> None:
     lib = "grpo_kernels_C::"
 
     @torch.library.register_fake(lib + "logprobs_fwd")
-    def _fwd_fake(logits, tokens, mask, temperature, with_entropy):
+    def _fwd_fake(logits, tokens, mask, temperature, with_entropy, check_ids=True):
         return _rows(logits), _rows(logits), _rows(logits)
 
     @torch.library.register_fake(lib + "logprobs_bwd")
-    def _bwd_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature):
+    def _bwd_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, check_ids=True):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "logprobs_bwd_out")
-    def _bwd_out_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out):
+    def _bwd_out_fake(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out, check_ids=True):
         return None
 
     @torch.library.register_fake(lib + "logprobs_fwd_grad")
-    def _fwd_grad_fake(logits, tokens, mask, coef, temperature, with_entropy):
+    def _fwd_grad_fake(logits, tokens, mask, coef, temperature, with_entropy, check_ids=True):
         return _rows(logits), _rows(logits), _rows(logits), logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "logprobs_fwd_grad_out")
-    def _fwd_grad_out_fake(logits, tokens, mask, coef, temperature, with_entropy, out):
+    def _fwd_grad_out_fake(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids=True):
         return _rows(logits), _rows(logits), _rows(logits)
 
     _fakes_registered = True

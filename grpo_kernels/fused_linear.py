@@ -253,7 +253,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
 
     # Phase 1 (forward only): every kept token's log-prob, when the coefficients need them or no grad is needed.
     if not one_phase:
-        with torch.no_grad():
+        with torch.no_grad(), _ops.validated_ids_context():  # ids validated above: kernels skip their check
             for a in range(0, n, chunk):
                 idx = rows[a:a + chunk]
                 _, z = chunk_logits(idx)
@@ -277,7 +277,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         alloc = torch.empty if n > 0 else torch.zeros
         grad_w = alloc(V, H, dtype=grad_w_dtype, device=hidden.device) if want_w else None
         grad_b = torch.zeros(V, dtype=acc, device=hidden.device) if want_b else None
-        with torch.no_grad():
+        with torch.no_grad(), _ops.validated_ids_context():  # ids validated above: kernels skip their check
             for a in range(0, n, chunk):
                 idx = rows[a:a + chunk]
                 k = idx.numel()

@@ -13,6 +13,7 @@ launchers re-check token ids themselves, so an out-of-range id never reaches a k
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Optional
 
@@ -33,6 +34,26 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
+
+
+_IDS_VALIDATED = contextvars.ContextVar("grpo_kernels_ids_validated", default=False)
+
+
+@contextlib.contextmanager
+def ids_validated():
+    """Inside this block the kernels skip their own token-id checks (on CUDA each is a host sync): the caller
+    has just validated the very token tensors it passes (:func:`check_tokens`: every id in ``[0, V)`` or
+    ``-100``, and ``-100`` rows are never read). Entered by the public functions, in eager mode only."""
+    token = _IDS_VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_VALIDATED.reset(token)
+
+
+def ids_are_validated() -> bool:
+    """Whether the current call runs inside :func:`ids_validated`."""
+    return _IDS_VALIDATED.get()
 
 
 class DeviceChecks:

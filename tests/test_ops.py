@@ -206,16 +206,23 @@ def test_content_checks_cost_one_host_transfer(monkeypatch):
 def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
     import grpo_kernels as gk
     from grpo_kernels import cpp_ext
+    from grpo_kernels import validation as val
 
     seen = []
-    for name in ("logprobs_fwd", "logprobs_fwd_grad"):
-        monkeypatch.setattr(cpp_ext, name, lambda *a, _real=getattr(cpp_ext, name), **k:
-                            seen.append(_ops._IDS_VALIDATED.get()) or _real(*a, **k))
+    for name in ("logprobs_fwd", "logprobs_fwd_grad", "logprobs_bwd"):
+        monkeypatch.setattr(cpp_ext, name, lambda *a, _real=getattr(cpp_ext, name), _n=name, **k:
+                            seen.append((_n, val.ids_are_validated(), cpp_ext._check_ids())) or _real(*a, **k))
     z, tok, m, r = _inputs()
     gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, backend="cpu")  # one pass
     gk.grpo_loss(z, tok, r, m, group_size=G, backend="cpu")  # no grad: forward op
     gk.token_logprobs(z, tok, backend="cpu")
-    assert seen == [True, True, True] and _ops._IDS_VALIDATED.get() is False
+    # two passes (off-policy): the backward's kernel trusts the ids its forward op checked
+    gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, loss_type="grpo", backend="cpu",
+                 old_logprobs=torch.full((S, T), -4.0)).backward()
+    assert seen == [("logprobs_fwd_grad", True, False), ("logprobs_fwd", True, False), ("logprobs_fwd", True, False),
+                    ("logprobs_fwd", True, False), ("logprobs_bwd", True, False)]
+    assert val.ids_are_validated() is False and cpp_ext._check_ids() is True
+    assert "check_ids" in str(torch.ops.grpo_kernels_C.logprobs_fwd.default._schema)
     # called directly, the op checks the ids itself before any kernel runs
     seen.clear()
     bad = tok.clamp(min=0)
