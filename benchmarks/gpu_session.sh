@@ -74,7 +74,7 @@ fi
 if want bench; then
   log "bench: grpo_loss and token_logprobs, 8192 tokens x V=151936 bf16"
   timeout "$BENCH_S" "$PY" -m grpo_kernels.cli bench --device cuda --no-plots --no-progress \
-    --shapes 16x512x151936 --dtypes bf16 --loss-types softmax,grpo --output-dir "$OUT/bench" >>"$LOG" 2>&1
+    --shapes 16x512x151936 --dtypes bf16 --loss-types softmax,grpo --modes fwd_bwd,fwd --output-dir "$OUT/bench" >>"$LOG" 2>&1
   log "bench rc=$?"
 fi
 
