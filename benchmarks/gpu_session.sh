@@ -39,7 +39,9 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 want() { for s in "${stages[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done; return 1; }
 
-log "gpu_session: stages ${stages[*]}; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# Without .git in the copied tree, pass the commit in: GRPO_KERNELS_GIT_COMMIT=<hash> bash benchmarks/gpu_session.sh
+export GRPO_KERNELS_GIT_COMMIT="${GRPO_KERNELS_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+log "gpu_session: stages ${stages[*]}; commit ${GRPO_KERNELS_GIT_COMMIT}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"

@@ -437,3 +437,13 @@ def test_cli_keeps_finished_cases_when_stopped(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["partial"] is True
     assert [(r["mode"], r["impl"], r["status"]) for r in data["rows"]] == [("fwd", "torch", "ok")]
+
+
+def test_run_metadata_without_git_takes_the_commit_from_the_environment(monkeypatch):
+    monkeypatch.setattr(R, "_git", lambda *a: None)
+    monkeypatch.setenv("GRPO_KERNELS_GIT_COMMIT", "abc123")
+    meta = R.run_metadata("cpu", copy_bw_gbps=1.0, cold_l2=False, quick=True, argv=[])
+    assert meta["git_commit"] == "abc123" and meta["git_dirty"] is None
+    assert "working-tree state unknown" in R.markdown(meta, [])
+    monkeypatch.delenv("GRPO_KERNELS_GIT_COMMIT")
+    assert R.run_metadata("cpu", copy_bw_gbps=1.0, cold_l2=False, quick=True, argv=[])["git_commit"] == "unknown"

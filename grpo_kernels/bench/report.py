@@ -77,14 +77,15 @@ def run_metadata(device, *, copy_bw_gbps: Optional[float], cold_l2: bool, quick:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
-    commit = _git("rev-parse", "HEAD")
+    # A copy of the tree without .git (e.g. on a lent GPU machine) takes the commit from the environment.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("GRPO_KERNELS_GIT_COMMIT")
     # kernel-relevant sources only (the trainer, docs and tests do not change a benchmark number)
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", ":(glob)grpo_kernels/*.py")
     modified = [line[3:] for line in (dirty or "").splitlines() if line.strip()]
     device = torch.device(device)
     meta = OrderedDict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                        torch_cuda=torch.version.cuda, triton=triton_version, grpo_kernels=__version__, git_commit=commit or "unknown",
-                       git_dirty=bool(modified), git_modified=modified, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       git_dirty=bool(modified) if dirty is not None else None, git_modified=modified, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        torch_threads=torch.get_num_threads(), copy_bw_gbps=copy_bw_gbps, cold_l2=cold_l2, quick=quick,
                        python=platform.python_version(), peers=peer_versions(),
                        argv=list(argv) if argv is not None else None)
@@ -181,7 +182,8 @@ def markdown(meta: Dict[str, object], rows: List[dict]) -> str:
     bw = meta.get("copy_bw_gbps")
     lines = [f"# grpo_kernels benchmark: {meta.get('device_name')}", ""]
     lines.append(f"- date {meta.get('date')}, commit `{str(meta.get('git_commit'))[:12]}`"
-                 f"{' (kernel sources modified)' if meta.get('git_dirty') else ''}, grpo_kernels {meta.get('grpo_kernels')}, "
+                 f"{' (kernel sources modified)' if meta.get('git_dirty') else ''}"
+                 f"{' (no git here: working-tree state unknown)' if meta.get('git_dirty') is None else ''}, grpo_kernels {meta.get('grpo_kernels')}, "
                  f"torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('torch_threads')} torch threads")
     lines.append(f"- device copy bandwidth measured in this run: **{_fmt(bw)} GB/s** (read + write of a large tensor)"
                  f"{'; L2-cold timing' if meta.get('cold_l2') else ''}{'; --quick' if meta.get('quick') else ''}")
