@@ -188,7 +188,7 @@ def _kind(t: Tensor) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Kernel-module contract
 # --------------------------------------------------------------------------------------------------------------
-def _check_ids() -> bool:
+def _ids_need_check() -> bool:
     """The ops' own token-id check (a host sync on CUDA) runs unless the caller has just validated the ids
     (:func:`grpo_kernels.validation.ids_validated`)."""
     return not _v.ids_are_validated()
@@ -199,7 +199,7 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
     """``(logp, lse, entropy)``, each ``(S, T)`` fp32 (fp64 for fp64 logits); see the module docstring."""
     ensure_loaded(_kind(logits))
     return torch.ops.grpo_kernels_C.logprobs_fwd(logits, tokens, mask, float(temperature), bool(with_entropy),
-                                                 _check_ids())
+                                                 _ids_need_check())
 
 
 def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
@@ -209,9 +209,9 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
     ops = torch.ops.grpo_kernels_C
     if out is None:
         return ops.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature),
-                                _check_ids())
+                                _ids_need_check())
     ops.logprobs_bwd_out(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature), out,
-                         _check_ids())
+                         _ids_need_check())
     return out
 
 
@@ -226,9 +226,9 @@ def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor
     ops = torch.ops.grpo_kernels_C
     if out is None:
         return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                     _check_ids())
+                                     _ids_need_check())
     logp, lse, ent = ops.logprobs_fwd_grad_out(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                               out, _check_ids())
+                                               out, _ids_need_check())
     return logp, lse, ent, out
 
 

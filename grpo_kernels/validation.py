@@ -62,7 +62,8 @@ class DeviceChecks:
 
     ``add(bad, fail)`` records a 0-dim bool tensor that is True when the input is bad and a callable that raises
     the error (it may inspect the tensor further: that runs only on the error path); ``run()`` transfers every
-    flag at once and calls the first failing ``fail``. Used as a context manager, ``run()`` happens on exit.
+    flag at once and calls the first failing ``fail``. Flags share one device (the arguments' device is
+    checked first).
     """
 
     def __init__(self):
@@ -76,29 +77,25 @@ class DeviceChecks:
     def run(self) -> None:
         if not self._flags:
             return
-        flags, fails = self._flags, self._fails
+        bad = _flags_to_host(self._flags)
+        fails = self._fails
         self._flags, self._fails = [], []
-        bad = _flags_to_host(flags)
         for is_bad, fail in zip(bad, fails):
             if is_bad:
                 fail()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.run()
-
 
 def _flags_to_host(flags) -> list:
     """The one device-to-host transfer of :class:`DeviceChecks` (a list of Python bools)."""
-    if len(flags) == 1:
-        return [bool(flags[0])]
-    devices = {f.device for f in flags}
-    if len(devices) == 1:
-        return torch.stack(flags).tolist()
-    return [bool(f) for f in flags]  # flags on several devices (the caller's error is reported elsewhere)
+    return torch.stack(flags).tolist()
+
+
+def _check_now_or_later(checks: Optional[DeviceChecks], bad: torch.Tensor, fail) -> None:
+    """Add the check to ``checks``, or run it at once when there is no collector."""
+    c = checks if checks is not None else DeviceChecks()
+    c.add(bad, fail)
+    if checks is None:
+        c.run()
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -184,8 +181,7 @@ def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens",
             raise ValueError(f"{name} must hold ids in [0, {num_classes}) or {IGNORE_INDEX} (ignored); "
                              f"found {first} (vocabulary size V={num_classes})")
 
-        with (contextlib.nullcontext(checks) if checks is not None else DeviceChecks()) as c:
-            c.add(bad.any(), fail)
+        _check_now_or_later(checks, bad.any(), fail)
 
 
 def check_mask(mask, shape, device, name: str = "mask") -> None:
@@ -213,8 +209,7 @@ def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optiona
         def fail():
             raise ValueError(f"{name} must be finite; got NaN or inf in {name}")
 
-        with (contextlib.nullcontext(checks) if checks is not None else DeviceChecks()) as c:
-            c.add(~torch.isfinite(t.detach()).all(), fail)
+        _check_now_or_later(checks, ~torch.isfinite(t.detach()).all(), fail)
 
 
 def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, device, tokens, rewards, mask,

@@ -211,7 +211,7 @@ def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
     seen = []
     for name in ("logprobs_fwd", "logprobs_fwd_grad", "logprobs_bwd"):
         monkeypatch.setattr(cpp_ext, name, lambda *a, _real=getattr(cpp_ext, name), _n=name, **k:
-                            seen.append((_n, val.ids_are_validated(), cpp_ext._check_ids())) or _real(*a, **k))
+                            seen.append((_n, val.ids_are_validated(), cpp_ext._ids_need_check())) or _real(*a, **k))
     z, tok, m, r = _inputs()
     gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, backend="cpu")  # one pass
     gk.grpo_loss(z, tok, r, m, group_size=G, backend="cpu")  # no grad: forward op
@@ -221,7 +221,7 @@ def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
                  old_logprobs=torch.full((S, T), -4.0)).backward()
     assert seen == [("logprobs_fwd_grad", True, False), ("logprobs_fwd", True, False), ("logprobs_fwd", True, False),
                     ("logprobs_fwd", True, False), ("logprobs_bwd", True, False)]
-    assert val.ids_are_validated() is False and cpp_ext._check_ids() is True
+    assert val.ids_are_validated() is False and cpp_ext._ids_need_check() is True
     assert "check_ids" in str(torch.ops.grpo_kernels_C.logprobs_fwd.default._schema)
     # called directly, the op checks the ids itself before any kernel runs
     seen.clear()
