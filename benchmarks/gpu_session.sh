@@ -55,7 +55,7 @@ fi
 build_pid=""
 if want tests || want bench || want fused || want sweep; then
   # CPU + CUDA C++ ops, built once into TORCH_EXTENSIONS_DIR (a file lock makes other users wait for it)
-  ( "$PY" -c "from grpo_kernels import cpp_ext; cpp_ext.ensure_loaded('cuda'); print('C++/CUDA ops built')" \
+  ( "$PY" -c "from grpo_kernels.kernels import native; native.ensure_loaded('cuda'); print('C++/CUDA ops built')" \
       >>"$LOG" 2>&1; log "extension build finished (rc=$?)" ) &
   build_pid=$!
 fi

@@ -11,9 +11,10 @@ package's own ``torch.library`` ops (``grpo_kernels::*``) so that ``torch.compil
 """
 
 from ._version import __version__
-from .backends import available_backends
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
+from .kernels import available_backends
 from .loss import GRPOLoss, grpo_loss, token_logprobs
+from .options import LossOptions
 from .reference import compute_grpo_loss, group_advantages, group_weights
 from .trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
@@ -22,6 +23,7 @@ __all__ = [
     "compute_grpo_loss",
     "grpo_loss",
     "GRPOLoss",
+    "LossOptions",
     "token_logprobs",
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 _SUBCOMMANDS = {
     "info": ("grpo_kernels.cli", "versions, available backends and devices"),
-    "train": ("grpo_kernels.train_cli", "train a policy with GRPO (no arguments: the built-in CPU demo)"),
+    "train": ("grpo_kernels.trainer.cli", "train a policy with GRPO (no arguments: the built-in CPU demo)"),
     "bench": ("grpo_kernels.bench.cli", "benchmark every backend and the peers; write tables and plots"),
     "sweep": ("grpo_kernels.bench.sweep", "sweep the Triton kernels' launch parameters (block_v, num_warps, "
                                           "programs) on a GPU"),
@@ -29,7 +29,7 @@ def info_dict() -> dict:
     import torch
 
     from . import __version__
-    from .backends import backend_status
+    from .kernels import backend_status
 
     out = {"grpo_kernels": __version__, "python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "torch_cuda": torch.version.cuda}

@@ -10,7 +10,7 @@ token is ``-100``) are skipped entirely: no matmul, no kernel.
 Two schedules:
 
 * **one phase** (3 GEMMs per chunk) when ``∂loss/∂ℓ`` does not depend on the log-probs -- the lesson's softmax
-  loss and the clipped losses on-policy, without KL (:func:`grpo_kernels.loss.coefficients_are_constant`);
+  loss and the clipped losses on-policy, without KL (:func:`grpo_kernels.reference.coefficients_are_constant`);
 * **two phases** otherwise (off-policy clipping, KL, GSPO with ``old_logprobs``): phase 1 computes every
   token's log-prob chunk by chunk (1 GEMM per chunk, nothing kept but ``[S, T]`` vectors), then
   ``c = ∂loss/∂ℓ`` comes from autograd on the eager :func:`reference.loss_from_logprobs` over the whole batch,
@@ -32,20 +32,26 @@ fp32/fp64 weights always accumulate in their own dtype (the modes coincide).
 Peak extra memory: one chunk of logits (``chunk × V`` in the input dtype), the ``grad_weight`` accumulator
 (``V × H``; fp32 only under ``"fp32"``), ``grad_hidden`` (the size of ``hidden``) and ``[S, T]`` vectors --
 independent of ``S·T`` beyond the gradients autograd has to return anyway.
+
+The code follows the steps: :func:`plan_chunks` (which rows, how many at a time, which schedule) →
+:func:`_chunk_pass` (one loop over the chunks: GEMM → kernel through the ops gateway → the chunk's gradients) →
+:class:`_Accumulators` (``grad_hidden``, ``grad_weight``, ``grad_bias``) → the eager loss value on the
+``[S, T]`` log-probs with the gradients attached (docs/design.md §7).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
-from . import _ops
-from . import backends as _backends
-from . import loss as _loss
+from . import kernels as _kernels
 from . import reference as _ref
 from . import validation as _v
+from .kernels import ops as _ops
+from .loss import OptionsModule
+from .options import LossOptions, with_option_keywords
 
 Tensor = torch.Tensor
 
@@ -56,11 +62,9 @@ _SLAB_BYTES = 16 << 20  # one slab of grad_c.T @ hidden_c under "fp32" accumulat
 GRAD_WEIGHT_ACCUMULATIONS = ("auto", "fp32", "weight")
 
 
-def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
-                       device: torch.device) -> int:
+def default_chunk_size(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: the chunk's logits take about 64 MiB on CPU, and on GPU ``min(512 MiB, free/8)``;
-    a multiple of 64 rows (at least 64), never more than ``num_rows``. ``hidden_size`` is unused today
-    (the ``V × H`` gradient accumulator does not depend on the chunk) but kept in the signature."""
+    a multiple of 64 rows (at least 64), never more than ``num_rows``."""
     elt = torch.empty((), dtype=dtype).element_size()
     budget = _CPU_CHUNK_BYTES
     if device.type == "cuda":
@@ -145,6 +149,93 @@ class _FusedLinearAttach(torch.autograd.Function):
         return gh, gw, gb, grad_out, None, None, None
 
 
+@dataclass
+class ChunkPlan:
+    """What :func:`plan_chunks` decided: the kept rows (flat indices into ``S·T``), rows per chunk, the schedule."""
+
+    rows: Tensor  # (n,) int64, the only rows ever computed
+    chunk: int  # rows per chunk
+    one_phase: bool  # c = ∂loss/∂ℓ known up front: one loop (3 GEMMs per chunk)
+    need_grad: bool  # any of hidden / weight / bias requires grad (and grad mode is on)
+
+    def chunks(self):
+        for a in range(0, self.rows.numel(), self.chunk):
+            yield a == 0, self.rows[a:a + self.chunk]
+
+
+def plan_chunks(m: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: Optional[int],
+                opts: LossOptions, data: dict) -> ChunkPlan:
+    """Kept rows of the effective mask ``m (S, T)``, the chunk size (default :func:`default_chunk_size`) and whether
+    one phase suffices (:func:`grpo_kernels.reference.coefficients_are_constant`)."""
+    rows = (m.reshape(-1) != 0).nonzero().squeeze(-1)
+    chunk = chunk_size or default_chunk_size(max(rows.numel(), 1), weight.shape[0], hidden.dtype, hidden.device)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    one_phase = need_grad and _ref.coefficients_are_constant(opts, old_logprobs=data["old_logprobs"],
+                                                             ref_logprobs=data["ref_logprobs"])
+    return ChunkPlan(rows, chunk, one_phase, need_grad)
+
+
+class _Accumulators:
+    """``grad_hidden (S·T, H)``, ``grad_weight (V, H)`` (in ``grad_w_dtype``) and ``grad_bias (V,)`` over the chunks;
+    only those whose tensor requires grad."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_w_dtype: torch.dtype,
+                 any_rows: bool):
+        S, T, H = hidden.shape
+        V = weight.shape[0]
+        acc = _ref.accumulation_dtype(hidden.dtype)
+        self.shape = (S, T, H)
+        self.weight_dtype = weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.h = torch.zeros(S * T, H, dtype=hidden.dtype, device=hidden.device) if hidden.requires_grad else None
+        # written by the first chunk's GEMM (no zero fill); zeros when no row is kept
+        alloc = torch.empty if any_rows else torch.zeros
+        self.w = alloc(V, H, dtype=grad_w_dtype, device=hidden.device) if weight.requires_grad else None
+        self.b = (torch.zeros(V, dtype=acc, device=hidden.device)
+                  if bias is not None and bias.requires_grad else None)
+
+    def add(self, g: Tensor, hc: Tensor, w: Tensor, idx: Tensor, first: bool) -> None:
+        """Add one chunk: ``g (k, V)`` = ∂loss/∂logits of rows ``idx``, ``hc (k, H)`` their hidden states."""
+        if self.h is not None:
+            self.h.index_copy_(0, idx, g @ w)
+        if self.w is not None:
+            _accumulate_grad_weight(self.w, g, hc, first=first)
+        if self.b is not None:
+            self.b += g.sum(0, dtype=self.b.dtype)
+
+    def results(self):
+        return (None if self.h is None else self.h.view(self.shape),
+                None if self.w is None else self.w.to(self.weight_dtype),
+                None if self.b is None else self.b.to(self.bias_dtype))
+
+
+def _chunk_pass(plan: ChunkPlan, h2: Tensor, y2: Tensor, w: Tensor, b: Optional[Tensor], impl: str, tau: float,
+                logp: Tensor, ent: Optional[Tensor], *, coef: Optional[Tensor] = None,
+                grads: Optional[_Accumulators] = None) -> None:
+    """One loop over the chunks. Per chunk: the logits ``hc @ w.T (+ b)`` (the bias in the GEMM's epilogue), then
+    the kernel through the ops gateway -- forward only when ``coef`` is None, else the one-pass forward+gradient
+    written into the chunk buffer itself, whose gradient goes to ``grads``. Fills ``logp`` (and ``ent``) at the
+    chunk's rows when given. The ids were validated by the caller (``check_ids=False``)."""
+    keep = torch.ones(1, min(plan.chunk, max(plan.rows.numel(), 1)), dtype=torch.bool, device=h2.device)
+    with torch.no_grad():
+        for first, idx in plan.chunks():
+            k = idx.numel()
+            hc = h2.index_select(0, idx)
+            z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).unsqueeze(0)  # (1, k, V)
+            yk, mk = y2[idx].unsqueeze(0), keep[:, :k]
+            if coef is None:
+                lp, _, h = _ops.kernel_fwd(impl, z, yk, mk, tau, ent is not None, check_ids=False)
+            else:
+                lp, _, h, g = _ops.kernel_fwd_grad(impl, z, yk, mk, coef[idx].unsqueeze(0).contiguous(), tau,
+                                                   ent is not None, out=z, check_ids=False)
+                grads.add(g[0], hc, w, idx, first)
+            if logp is not None:
+                logp[idx] = lp[0]
+                if ent is not None:
+                    ent[idx] = h[0]
+            del z, hc
+
+
 def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            weight: Tensor,  # (V, H)
                            tokens: Tensor,  # (S, T)
@@ -153,25 +244,16 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            *,
                            group_size: int,
                            bias: Optional[Tensor] = None,  # (V,)
-                           chunk_size: Optional[int] = None,
-                           loss_type: str = "softmax",
-                           beta: float = 0.1,
-                           temperature: float = 1.0,
                            old_logprobs: Optional[Tensor] = None,
                            ref_logprobs: Optional[Tensor] = None,
-                           kl_coef: float = 0.0,
-                           epsilon: float = 0.2,
-                           epsilon_high: Optional[float] = None,
-                           delta: Optional[float] = None,
-                           scale_rewards: str = "group",
                            advantages: Optional[Tensor] = None,
-                           max_completion_length: Optional[int] = None,
                            num_items_in_batch=None,
-                           importance_sampling_level: str = "token",
                            loss_scale: float = 1.0,
                            return_metrics: bool = False,
                            backend: str = "auto",
-                           grad_weight_accumulation: str = "auto"):
+                           chunk_size: Optional[int] = None,
+                           grad_weight_accumulation: str = "auto",
+                           **options):
     """GRPO loss of ``logits = hidden @ weight.T + bias`` without materializing the ``[S, T, V]`` logits.
 
     Same losses, keywords, metrics and validation as :func:`grpo_kernels.grpo_loss`; gradients flow to
@@ -185,14 +267,19 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         mask: ``(S, T)`` optional completion mask.
         group_size: responses per prompt, G.
         bias: optional ``(V,)`` LM-head bias.
-        chunk_size: rows of logits built at a time (default: :func:`default_chunk_size`, ~64 MiB of logits on
-            CPU, ``min(512 MiB, free/8)`` on GPU).
-        backend: kernel for the per-chunk log-prob/gradient: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``
-            or ``"cpu"`` (the GEMMs are always torch's).
+        old_logprobs, ref_logprobs, advantages, num_items_in_batch, return_metrics: as in
+            :func:`grpo_kernels.grpo_loss`.
         loss_scale: as in :func:`grpo_kernels.grpo_loss` (pass ``1/k`` under gradient accumulation: the
             gradients computed in the forward then need no rescaling in the backward).
+        backend: kernel for the per-chunk log-prob/gradient: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``
+            or ``"cpu"`` (the GEMMs are always torch's).
+        chunk_size: rows of logits built at a time (default: :func:`default_chunk_size`, ~64 MiB of logits on
+            CPU, ``min(512 MiB, free/8)`` on GPU).
         grad_weight_accumulation: ``"auto"`` (default), ``"fp32"`` or ``"weight"``: what half-precision
             ``grad_weight`` is accumulated in across chunks (module docstring; fp32/fp64 weights: no effect).
+        **options: the loss options of :class:`~grpo_kernels.options.LossOptions`:
+
+        {loss_options}
 
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs), or ``(loss, metrics)`` with ``return_metrics=True``.
@@ -202,114 +289,53 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         >>> hidden = model(ids, output_hidden_states=True).hidden_states[-1][:, :-1]
         >>> loss = fused_linear_grpo_loss(hidden, model.lm_head.weight, tokens, rewards, mask, group_size=8)
     """
+    opts = LossOptions.from_kwargs("fused_linear_grpo_loss", options)
+    data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                num_items_in_batch=num_items_in_batch, loss_scale=loss_scale)
     _check_linear_args(hidden, weight, bias, chunk_size)
     S, T, H = hidden.shape
     V = weight.shape[0]
     grad_w_dtype = grad_weight_accumulator_dtype(grad_weight_accumulation, weight.dtype, V, H)
-    kw = dict(group_size=group_size, loss_type=loss_type, beta=beta, old_logprobs=old_logprobs,
-              ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-              scale_rewards=scale_rewards, advantages=advantages, max_completion_length=max_completion_length,
-              num_items_in_batch=num_items_in_batch, importance_sampling_level=importance_sampling_level,
-              loss_scale=loss_scale)
-    _v.check_loss_args(num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, tokens=tokens,
-                       rewards=rewards, mask=mask, temperature=temperature, backend=backend, **kw)
-    impl = _backends.resolve_backend(backend, hidden.device)
-    mod = _backends.kernel_module(impl)
-    if not getattr(mod, "FWD_GRAD", False):  # every shipped kernel module has it; keep a safe fallback
-        mod = _backends.kernel_module("torch")
+    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, tokens=tokens,
+                       rewards=rewards, mask=mask, **data)
+    impl = _kernels.resolve_backend(backend, hidden.device)
 
     acc = _ref.accumulation_dtype(hidden.dtype)
     m = _ref.effective_mask(tokens, mask, acc)  # (S, T)
-    rows = (m.reshape(-1) != 0).nonzero().squeeze(-1)  # the only rows that are ever computed
-    n = rows.numel()
-    chunk = chunk_size or default_chunk_size(max(n, 1), V, H, hidden.dtype, hidden.device)
+    plan = plan_chunks(m, hidden, weight, bias, chunk_size, opts, data)
     h2 = hidden.detach().reshape(S * T, H)
     y2 = tokens.reshape(-1).to(torch.int64)
     w = weight.detach()
     b = None if bias is None else bias.detach()
-    tau = float(temperature)
-
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    one_phase = need_grad and _loss.coefficients_are_constant(**kw)
-
+    tau = float(opts.temperature)
     logp = torch.zeros(S * T, dtype=acc, device=hidden.device)
     ent = torch.zeros(S * T, dtype=acc, device=hidden.device) if return_metrics else None
 
-    def chunk_logits(idx):
-        hc = h2.index_select(0, idx)
-        # the bias is added in the GEMM's epilogue (addmm), not by another pass over the chunk's logits
-        z = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())
-        return hc, z
-
-    ones = None
-
-    def keep_of(k):
-        nonlocal ones
-        if ones is None or ones.shape[1] < k:
-            ones = torch.ones(1, max(k, chunk), dtype=torch.bool, device=hidden.device)
-        return ones[:, :k]
-
-    # Phase 1 (forward only): every kept token's log-prob, when the coefficients need them or no grad is needed.
-    if not one_phase:
-        with torch.no_grad(), _ops.validated_ids_context():  # ids validated above: kernels skip their check
-            for a in range(0, n, chunk):
-                idx = rows[a:a + chunk]
-                _, z = chunk_logits(idx)
-                lp, _, h = mod.logprobs_fwd(z.unsqueeze(0), y2[idx].unsqueeze(0), keep_of(idx.numel()), tau,
-                                            return_metrics)
-                logp[idx] = lp[0]
-                if ent is not None:
-                    ent[idx] = h[0]
-                del z
-
+    if not plan.one_phase:  # phase 1 (forward only): every kept token's log-prob
+        _chunk_pass(plan, h2, y2, w, b, impl, tau, logp, ent)
     grads = None
-    if need_grad:
+    if plan.need_grad:
         # one phase: c does not depend on ℓ (taken at ℓ = 0); two phases: c at the log-probs of phase 1
-        coef = _loss.logprob_coefficients(m, rewards, at=None if one_phase else logp.view(S, T), **kw)
-        coef2 = coef.reshape(-1).to(acc)
-        want_h = hidden.requires_grad
-        want_w = weight.requires_grad
-        want_b = bias is not None and bias.requires_grad
-        grad_h = torch.zeros_like(h2) if want_h else None
-        # written by the first chunk's GEMM (no zero fill); zeros when no row is kept
-        alloc = torch.empty if n > 0 else torch.zeros
-        grad_w = alloc(V, H, dtype=grad_w_dtype, device=hidden.device) if want_w else None
-        grad_b = torch.zeros(V, dtype=acc, device=hidden.device) if want_b else None
-        with torch.no_grad(), _ops.validated_ids_context():  # ids validated above: kernels skip their check
-            for a in range(0, n, chunk):
-                idx = rows[a:a + chunk]
-                k = idx.numel()
-                hc, z = chunk_logits(idx)
-                lp, _, h, g = mod.logprobs_fwd_grad(z.unsqueeze(0), y2[idx].unsqueeze(0), keep_of(k),
-                                                    coef2[idx].unsqueeze(0).contiguous(), tau,
-                                                    return_metrics and one_phase, out=z.unsqueeze(0))
-                g = g[0]  # (k, V): the chunk buffer now holds ∂loss/∂logits
-                if one_phase:
-                    logp[idx] = lp[0]
-                    if ent is not None:
-                        ent[idx] = h[0]
-                if grad_h is not None:
-                    grad_h.index_copy_(0, idx, g @ w)
-                if grad_w is not None:
-                    _accumulate_grad_weight(grad_w, g, hc, first=a == 0)
-                if grad_b is not None:
-                    grad_b += g.sum(0, dtype=grad_b.dtype)
-                del z, g, hc
-        grads = (None if grad_h is None else grad_h.view(S, T, H),
-                 None if grad_w is None else grad_w.to(weight.dtype),
-                 None if grad_b is None else grad_b.to(bias.dtype))
+        coef = _ref.logprob_coefficients(m, rewards, opts, at=None if plan.one_phase else logp.view(S, T), **data)
+        acc_grads = _Accumulators(hidden, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
+        # the log-probs (and entropy) come from this loop only in the one-phase schedule
+        _chunk_pass(plan, h2, y2, w, b, impl, tau, logp if plan.one_phase else None,
+                    ent if plan.one_phase else None, coef=coef.reshape(-1).to(acc), grads=acc_grads)
+        grads = acc_grads.results()
 
-    out = _ref.loss_from_logprobs(logp.view(S, T), m, rewards, return_metrics=return_metrics,
-                                  entropy=None if ent is None else ent.view(S, T), **kw)
+    out = _ref.loss_from_logprobs(logp.view(S, T), m, rewards, opts, return_metrics=return_metrics,
+                                  entropy=None if ent is None else ent.view(S, T), **data)
     loss, metrics = out if return_metrics else (out, None)
     if grads is not None:
         loss = _FusedLinearAttach.apply(hidden, weight, bias, loss, *grads)
     return (loss, metrics) if return_metrics else loss
 
 
-class FusedLinearGRPOLoss(nn.Module):
-    """Module form of :func:`fused_linear_grpo_loss` (keywords fixed at construction).
+with_option_keywords(fused_linear_grpo_loss, before="return_metrics")
+
+
+class FusedLinearGRPOLoss(OptionsModule):
+    """Module form of :func:`fused_linear_grpo_loss` (keywords fixed at construction, overridable per call).
 
     Example::
 
@@ -317,27 +343,11 @@ class FusedLinearGRPOLoss(nn.Module):
         >>> loss = crit(hidden, lm_head.weight, tokens, rewards, mask, bias=lm_head.bias)
     """
 
-    _DEFAULTS = dict(_loss._LOSS_DEFAULTS, chunk_size=None, grad_weight_accumulation="auto")
-    _DEFAULTS.pop("inplace_backward")
-
-    def __init__(self, group_size: int, **kwargs):
-        super().__init__()
-        unknown = set(kwargs) - set(self._DEFAULTS)
-        if unknown:
-            raise TypeError(f"FusedLinearGRPOLoss got unexpected keyword(s): {', '.join(sorted(unknown))}")
-        _v.check_int("group_size", group_size, minimum=1)
-        self.group_size = group_size
-        self.options = {**self._DEFAULTS, **kwargs}
+    _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, advantages=None, num_items_in_batch=None,
+                          loss_scale=1.0, return_metrics=False, backend="auto", chunk_size=None,
+                          grad_weight_accumulation="auto")
 
     def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor, rewards: Optional[Tensor],
                 mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, **overrides):
-        unknown = set(overrides) - set(self._DEFAULTS)
-        if unknown:
-            raise TypeError(f"FusedLinearGRPOLoss.forward got unexpected keyword(s): {', '.join(sorted(unknown))}")
         return fused_linear_grpo_loss(hidden, weight, tokens, rewards, mask, group_size=self.group_size, bias=bias,
-                                      **{**self.options, **overrides})
-
-    def extra_repr(self) -> str:
-        changed = {k: v for k, v in self.options.items()
-                   if self._DEFAULTS[k] is not v and not isinstance(v, Tensor)}
-        return ", ".join([f"group_size={self.group_size}"] + [f"{k}={v!r}" for k, v in changed.items()])
+                                      **self._merged(overrides))

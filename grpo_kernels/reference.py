@@ -1,16 +1,19 @@
 """The eager PyTorch reference: the one copy of the GRPO math in plain PyTorch.
 
-This module is both the test oracle and the ``backend="torch"`` path. It follows ``DESIGN.md`` sections 2-5
-to the letter and favours obviously-correct code over speed: logits are upcast to fp32 (fp64 stays fp64),
-log-softmax is materialized, and autograd derives every gradient (logits, and rewards when they require
-one).
+This module is the test oracle (:func:`grpo_loss` differentiates it end to end with autograd) and the math
+every backend shares. It follows docs/design.md §2-5 to the letter and favours obviously-correct code over
+speed: logits are upcast to fp32 (fp64 stays fp64), log-softmax is materialized, and autograd derives every
+gradient (logits, and rewards when they require one).
 
 The loss is split in two layers so that the fused backends reuse the same math:
 
 * :func:`token_logprobs` -- the only part that touches the ``[S, T, V]`` logits. Fused kernels replace it.
 * :func:`loss_from_logprobs` -- everything else (group weights, advantages, ratios, clipping, KL,
-  aggregation, metrics) on ``[S, T]`` tensors. Every backend calls this same function on the per-token
-  log-probs its kernel produced, so there is exactly one eager copy of the loss.
+  aggregation, metrics) on ``[S, T]`` tensors, configured by one :class:`~grpo_kernels.options.LossOptions`.
+  Every backend calls this same function on the per-token log-probs its kernel produced, so there is exactly
+  one eager copy of the loss.
+* :func:`coefficients_are_constant` / :func:`logprob_coefficients` -- ``c = ∂loss/∂ℓ``, taken from that same
+  function by autograd (the fused one-pass and fused-linear paths need it up front).
 
 Shapes: ``S`` sequences (``num_groups * G``, grouped contiguously), ``T`` completion tokens, ``V`` vocabulary.
 """
@@ -22,6 +25,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from . import validation as _v
+from .options import SCALE_REWARDS, LossOptions, with_option_keywords
 
 Tensor = torch.Tensor
 
@@ -30,6 +34,9 @@ __all__ = [
     "group_weights",
     "group_advantages",
     "loss_from_logprobs",
+    "coefficients_are_constant",
+    "logprob_coefficients",
+    "effective_mask",
     "grpo_loss",
     "compute_grpo_loss",
 ]
@@ -94,7 +101,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     ``scale_rewards``: ``"group"`` divides by each group's unbiased std (a group of one has ``A = 0``),
     ``"batch"`` by the std of all rewards, ``"none"`` does not divide (Dr. GRPO). Same shape as ``rewards``.
     """
-    _v.check_choice("scale_rewards", scale_rewards, _v.SCALE_REWARDS)
+    _v.check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     r = rewards.to(accumulation_dtype(rewards.dtype) if rewards.is_floating_point() else torch.float32)
     grouped = r.reshape(-1, group_size)
     centred = grouped - grouped.mean(dim=-1, keepdim=True)
@@ -136,30 +143,24 @@ def compute_grpo_loss(log_probs: Tensor, rewards: Tensor, beta: float = 0.1) -> 
 def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of the policy
                        mask: Tensor,  # (S, T) effective mask (already 0 where tokens == -100)
                        rewards: Optional[Tensor],  # (S,)
+                       options: LossOptions,
                        *,
                        group_size: int,
-                       loss_type: str = "softmax",
-                       beta: float = 0.1,
                        old_logprobs: Optional[Tensor] = None,  # (S, T)
                        ref_logprobs: Optional[Tensor] = None,  # (S, T)
-                       kl_coef: float = 0.0,
-                       epsilon: float = 0.2,
-                       epsilon_high: Optional[float] = None,
-                       delta: Optional[float] = None,
-                       scale_rewards: str = "group",
                        advantages: Optional[Tensor] = None,  # (S,)
-                       max_completion_length: Optional[int] = None,
                        num_items_in_batch=None,
-                       importance_sampling_level: str = "token",
                        loss_scale: float = 1.0,
                        return_metrics: bool = False,
                        entropy: Optional[Tensor] = None,  # (S, T), metrics only
                        ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
-    """GRPO loss from per-token log-probs; see DESIGN.md §3-4. Arguments are assumed valid.
+    """GRPO loss from per-token log-probs; see docs/design.md §3-4. Arguments are assumed valid.
 
     Values of ``logp``, ``old_logprobs`` and ``ref_logprobs`` at masked positions are ignored (replaced by
     0 before any arithmetic), so garbage there can never turn into NaN.
     """
+    o = options
+    loss_type, kl_coef, epsilon, delta = o.loss_type, o.kl_coef, o.epsilon, o.delta
     S, T = logp.shape
     acc = logp.dtype
     m = mask.to(acc)
@@ -179,7 +180,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
     metrics: Dict[str, Tensor] = {}
     if loss_type == "softmax":
         w = group_weights(rewards.reshape(-1).to(acc) if rewards.is_floating_point() else rewards.reshape(-1),
-                          group_size, beta).to(acc)
+                          group_size, o.softmax_beta).to(acc)
         seq_logp = (m * logp).sum(-1)
         loss = -(w * seq_logp).sum() / num_groups
         if use_kl:
@@ -189,13 +190,13 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
             A = advantages.reshape(-1).to(acc)
         else:
             r = rewards.reshape(-1)
-            A = group_advantages(r.to(acc) if r.is_floating_point() else r, group_size, scale_rewards).to(acc)
+            A = group_advantages(r.to(acc) if r.is_floating_point() else r, group_size, o.scale_rewards).to(acc)
         old = logp.detach() if old_logprobs is None else torch.where(valid, old_logprobs.to(acc), zero)
         log_ratio = logp - old
-        if importance_sampling_level == "sequence":
+        if o.importance_sampling_level == "sequence":
             log_ratio = ((m * log_ratio).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (S, 1)
         ratio = torch.exp(log_ratio)
-        eps_high = epsilon if epsilon_high is None else epsilon_high
+        eps_high = o.upper_epsilon
         clipped = ratio.clamp(1.0 - epsilon, 1.0 + eps_high)
         unclipped = ratio.clamp(max=delta) if delta is not None else ratio
         A_col = A.unsqueeze(-1)
@@ -210,7 +211,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
                 denom = torch.as_tensor(num_items_in_batch, dtype=acc, device=logp.device)
             loss = (m * per_token).sum() / denom
         else:  # dr_grpo
-            L = T if max_completion_length is None else max_completion_length
+            L = T if o.max_completion_length is None else o.max_completion_length
             loss = (m * per_token).sum() / (S * L)
         if return_metrics:
             with torch.no_grad():
@@ -236,7 +237,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
 
 
 def effective_mask(tokens: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """``mask * (tokens != -100)`` as ``dtype`` (the ``m`` of DESIGN.md §2)."""
+    """``mask * (tokens != -100)`` as ``dtype`` (the ``m`` of docs/design.md §2)."""
     m = (tokens != _v.IGNORE_INDEX).to(dtype)
     if mask is not None:
         m = m * mask.to(dtype)
@@ -244,46 +245,91 @@ def effective_mask(tokens: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The full loss from logits (backend="torch")
+# c = ∂loss/∂ℓ (the fused one-pass and fused-linear paths need it before the kernel runs)
 # ----------------------------------------------------------------------------------------------------------
+def coefficients_are_constant(options: LossOptions, *, old_logprobs: Optional[Tensor],
+                              ref_logprobs: Optional[Tensor]) -> bool:
+    """Whether ``∂loss/∂ℓ`` is independent of the log-probs ℓ (so it can be computed before the forward).
+
+    True for the lesson's softmax loss and for the clipped losses on-policy (``old_logprobs=None``: the ratio
+    is identically 1, at token or sequence level), as long as the k3 KL is off; the KL and off-policy clipping
+    make the gradient depend on ℓ (docs/design.md §5).
+    """
+    if ref_logprobs is not None and options.kl_coef != 0:
+        return False
+    return options.loss_type == "softmax" or old_logprobs is None
+
+
+def logprob_coefficients(mask: Tensor,  # (S, T)
+                         rewards: Optional[Tensor],  # (S,)
+                         options: LossOptions,
+                         at: Optional[Tensor] = None,  # (S, T)
+                         **data) -> Tensor:
+    """``c = ∂loss/∂ℓ`` of shape ``(S, T)``, by differentiating the one eager formulation
+    (:func:`loss_from_logprobs`, with the same ``data`` keywords) -- no second copy of the normalizers.
+
+    ``at`` is the log-probs to differentiate at; by default ℓ = 0, which is exact for a loss with
+    :func:`coefficients_are_constant` (its gradient does not depend on ℓ). Rewards and advantages are detached:
+    their own gradient comes from the loss value.
+    """
+    data = dict(data)
+    if data.get("advantages") is not None:
+        data["advantages"] = data["advantages"].detach()
+    r = rewards.detach() if rewards is not None else None
+    with torch.enable_grad():
+        if at is None:
+            leaf = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device, requires_grad=True)
+        else:
+            leaf = at.detach().clone().requires_grad_(True)
+        loss = loss_from_logprobs(leaf, mask, r, options, **data)
+        (coef,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if coef is None else coef
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The full loss from logits, differentiated by autograd (the oracle)
+# ----------------------------------------------------------------------------------------------------------
+def loss_from_logits(logits: Tensor,  # (S, T, V)
+                     tokens: Tensor,  # (S, T)
+                     rewards: Optional[Tensor],  # (S,)
+                     mask: Optional[Tensor],  # (S, T)
+                     options: LossOptions,
+                     *, return_metrics: bool = False, **data):
+    """:func:`token_logprobs` then :func:`loss_from_logprobs`, all eager (arguments assumed valid)."""
+    out = token_logprobs(logits, tokens, options.temperature, return_entropy=return_metrics)
+    logp, ent = out if return_metrics else (out, None)
+    m = effective_mask(tokens, mask, logp.dtype)
+    return loss_from_logprobs(logp, m, rewards, options, return_metrics=return_metrics, entropy=ent, **data)
+
+
 def grpo_loss(logits: Tensor,  # (S, T, V)
               tokens: Tensor,  # (S, T)
               rewards: Optional[Tensor],  # (S,)
               mask: Optional[Tensor] = None,  # (S, T)
               *,
               group_size: int,
-              loss_type: str = "softmax",
-              beta: float = 0.1,
-              temperature: float = 1.0,
               old_logprobs: Optional[Tensor] = None,
               ref_logprobs: Optional[Tensor] = None,
-              kl_coef: float = 0.0,
-              epsilon: float = 0.2,
-              epsilon_high: Optional[float] = None,
-              delta: Optional[float] = None,
-              scale_rewards: str = "group",
               advantages: Optional[Tensor] = None,
-              max_completion_length: Optional[int] = None,
               num_items_in_batch=None,
-              importance_sampling_level: str = "token",
               loss_scale: float = 1.0,
               return_metrics: bool = False,
-              backend: str = "torch"):
-    """Eager GRPO loss; same signature and outputs as :func:`grpo_kernels.grpo_loss`."""
+              **options):
+    """The eager oracle: same arguments, validation and outputs as :func:`grpo_kernels.grpo_loss`, with every
+    gradient derived by autograd through this module (no kernel, no custom op).
+
+    The loss options (fields of :class:`~grpo_kernels.options.LossOptions`):
+
+        {loss_options}
+    """
+    opts = LossOptions.from_kwargs("reference.grpo_loss", options)
+    data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                num_items_in_batch=num_items_in_batch, loss_scale=loss_scale)
     _v.check_logits(logits)
     S, T, V = logits.shape
-    if backend not in ("torch", "auto"):
-        _v.check_choice("backend", backend, _v.BACKENDS)
-        raise ValueError(f"reference.grpo_loss is the 'torch' backend; got backend={backend!r} "
-                         "(use grpo_kernels.grpo_loss to pick a backend)")
-    kw = dict(group_size=group_size, loss_type=loss_type, beta=beta, old_logprobs=old_logprobs,
-              ref_logprobs=ref_logprobs, kl_coef=kl_coef, epsilon=epsilon, epsilon_high=epsilon_high,
-              delta=delta, scale_rewards=scale_rewards, advantages=advantages,
-              max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-              importance_sampling_level=importance_sampling_level, loss_scale=loss_scale)
-    _v.check_loss_args(num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
-                       rewards=rewards, mask=mask, temperature=temperature, **kw)
-    out = token_logprobs(logits, tokens, temperature, return_entropy=return_metrics)
-    logp, ent = out if return_metrics else (out, None)
-    m = effective_mask(tokens, mask, logp.dtype)
-    return loss_from_logprobs(logp, m, rewards, return_metrics=return_metrics, entropy=ent, **kw)
+    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
+                       rewards=rewards, mask=mask, **data)
+    return loss_from_logits(logits, tokens, rewards, mask, opts, return_metrics=return_metrics, **data)
+
+
+with_option_keywords(grpo_loss, before="return_metrics")

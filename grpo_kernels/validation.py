@@ -5,25 +5,24 @@ itself) funnels its arguments through the functions here, so that bad input rais
 ``ValueError``/``TypeError`` whichever backend would have run -- never a crash inside a kernel, a NaN, or a
 silently wrong number.
 
-Checks that need the *values* of tensors (token ids in range, finite rewards) cost one device sync; they
-are skipped while ``torch.compile`` traces (data-dependent branches cannot be traced), and the kernel
-launchers re-check token ids themselves, so an out-of-range id never reaches a kernel.
+Checks that need the *values* of tensors (token ids in range, finite rewards) cost one device sync in all
+(:class:`DeviceChecks`); they are skipped while ``torch.compile`` traces (data-dependent branches cannot be
+traced), and the kernels are then called with ``check_ids=True`` so an out-of-range id never reaches a kernel.
+The options' own checks live in :meth:`grpo_kernels.options.LossOptions.validate`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Optional
+import warnings
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-LOSS_TYPES = ("softmax", "grpo", "bnpo", "dr_grpo", "dapo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+if TYPE_CHECKING:  # pragma: no cover
+    from .options import LossOptions
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
 IGNORE_INDEX = -100
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,26 +33,6 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
-
-
-_IDS_VALIDATED = contextvars.ContextVar("grpo_kernels_ids_validated", default=False)
-
-
-@contextlib.contextmanager
-def ids_validated():
-    """Inside this block the kernels skip their own token-id checks (on CUDA each is a host sync): the caller
-    has just validated the very token tensors it passes (:func:`check_tokens`: every id in ``[0, V)`` or
-    ``-100``, and ``-100`` rows are never read). Entered by the public functions, in eager mode only."""
-    token = _IDS_VALIDATED.set(True)
-    try:
-        yield
-    finally:
-        _IDS_VALIDATED.reset(token)
-
-
-def ids_are_validated() -> bool:
-    """Whether the current call runs inside :func:`ids_validated`."""
-    return _IDS_VALIDATED.get()
 
 
 class DeviceChecks:
@@ -212,30 +191,19 @@ def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optiona
         _check_now_or_later(checks, ~torch.isfinite(t.detach()).all(), fail)
 
 
-def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, device, tokens, rewards, mask,
-                    group_size, loss_type, beta, temperature, old_logprobs, ref_logprobs, kl_coef, epsilon,
-                    epsilon_high, delta, scale_rewards, advantages, max_completion_length, num_items_in_batch,
-                    importance_sampling_level, loss_scale=1.0, backend="auto") -> None:
-    """Validate everything ``grpo_loss`` takes except the logits themselves (checked by ``check_logits``).
+def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int, num_classes: int, device,
+                    tokens, rewards, mask, group_size, old_logprobs, ref_logprobs, advantages, num_items_in_batch,
+                    loss_scale=1.0) -> None:
+    """Validate the options and everything ``grpo_loss`` takes except the logits themselves (``check_logits``).
 
     ``num_sequences``/``seq_len``/``num_classes`` are S, T, V taken from the logits (or hidden/weight).
     """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    check_choice("backend", backend, BACKENDS)
-    check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    options.validate()
+    loss_type = options.loss_type
     check_int("group_size", group_size, minimum=1)
     if num_sequences % group_size != 0:
         raise ValueError(f"the number of sequences S={num_sequences} must be a multiple of group_size={group_size} "
                          "(rows g*G ... g*G+G-1 answer prompt g)")
-    check_positive_number("beta", beta)
-    check_positive_number("temperature", temperature)
-    check_positive_number("epsilon", epsilon, allow_zero=True)
-    check_positive_number("epsilon_high", epsilon_high, allow_zero=True, allow_none=True)
-    check_positive_number("delta", delta, allow_none=True)
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
-        raise TypeError(f"kl_coef must be a finite number, got {kl_coef!r}")
-    check_int("max_completion_length", max_completion_length, minimum=1, allow_none=True)
     check_positive_number("loss_scale", loss_scale)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -246,6 +214,9 @@ def check_loss_args(*, num_sequences: int, seq_len: int, num_classes: int, devic
             check_positive_number("num_items_in_batch", num_items_in_batch)
         if loss_type != "dapo":
             raise ValueError(f"num_items_in_batch is only used by loss_type='dapo', got loss_type={loss_type!r}")
+    if ref_logprobs is not None and options.kl_coef == 0:
+        warnings.warn("reference log-probs are ignored because kl_coef is 0 (the KL coefficient, TRL's `beta`)",
+                      UserWarning, stacklevel=4)
 
     shape = (num_sequences, seq_len)
     checks = DeviceChecks()  # the content checks of tokens, rewards and advantages: one host sync in all

@@ -62,3 +62,33 @@ def gtol(dtype):
     if dtype == torch.float32:
         return dict(rtol=1e-5, atol=1e-6)
     return dict(rtol=1.6e-2, atol=1e-6)
+
+
+def split_loss_kwargs(kw):
+    """A flat keyword dict of ``grpo_loss`` (loss options mixed with the per-batch arguments) as
+    ``(LossOptions, data)``, the two things :func:`grpo_kernels.reference.loss_from_logprobs`,
+    :func:`~grpo_kernels.reference.logprob_coefficients` and
+    :func:`~grpo_kernels.reference.coefficients_are_constant` take."""
+    from grpo_kernels.options import LossOptions
+
+    names = set(LossOptions.names())
+    return (LossOptions(**{k: v for k, v in kw.items() if k in names}),
+            {k: v for k, v in kw.items() if k not in names})
+
+
+def loss_from_logprobs(logp, mask, rewards, **kw):
+    """:func:`grpo_kernels.reference.loss_from_logprobs` called with a flat keyword dict."""
+    call = {k: kw.pop(k) for k in ("return_metrics", "entropy") if k in kw}
+    opts, data = split_loss_kwargs(kw)
+    return ref.loss_from_logprobs(logp, mask, rewards, opts, **data, **call)
+
+
+def coefficients_are_constant(**kw):
+    opts, data = split_loss_kwargs(kw)
+    return ref.coefficients_are_constant(opts, old_logprobs=data.get("old_logprobs"),
+                                         ref_logprobs=data.get("ref_logprobs"))
+
+
+def logprob_coefficients(mask, rewards, at=None, **kw):
+    opts, data = split_loss_kwargs(kw)
+    return ref.logprob_coefficients(mask, rewards, opts, at=at, **data)

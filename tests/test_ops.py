@@ -4,15 +4,17 @@
 import pytest
 import torch
 
-from grpo_kernels import _ops
+from grpo_kernels.kernels import ops as _ops
 from grpo_kernels import loss as L
 from grpo_kernels import reference as ref
-from grpo_kernels import torch_kernels
+from grpo_kernels.kernels import eager as torch_kernels
+
+import kernel_cases as KC
 
 S, T, V, G = 6, 5, 67, 3
 LOSS_TYPES = ["softmax", "grpo", "bnpo", "dr_grpo", "dapo"]
 
-DEFAULTS = dict(group_size=G, beta=0.1, old_logprobs=None, ref_logprobs=None, kl_coef=0.0, epsilon=0.2, epsilon_high=None,
+DEFAULTS = dict(group_size=G, old_logprobs=None, ref_logprobs=None, kl_coef=0.0, epsilon=0.2, epsilon_high=None,
                 delta=None, scale_rewards="group", advantages=None, max_completion_length=None,
                 num_items_in_batch=None, importance_sampling_level="token")
 
@@ -67,15 +69,15 @@ def test_one_pass_matches_reference(loss_type, level, dtype):
     metrics and a grad_output != 1."""
     z, tok, m, r = _inputs(dtype)
     kw = {**DEFAULTS, "loss_type": loss_type, "importance_sampling_level": level}
-    assert L.coefficients_are_constant(**kw)
+    assert KC.coefficients_are_constant(**kw)
     exp_loss, exp_gz, exp_gr, exp_met = _reference(z, tok, m, r, kw, metrics=True)
 
     zz = z.clone().requires_grad_(True)
     rr = r.clone().requires_grad_(True)
     mm = ref.effective_mask(tok, m, r.dtype)
-    coef = L.logprob_coefficients(mm, rr, **kw)
+    coef = KC.logprob_coefficients(mm, rr, **kw)
     loss, met = _ops.one_pass_loss(
-        zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, rr, return_metrics=True, entropy=e, **kw),
+        zz, lambda lp, e: KC.loss_from_logprobs(lp, mm, rr, return_metrics=True, entropy=e, **kw),
         tok, m, coef, 1.0, True, "torch")
     (3.0 * loss).backward()
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
@@ -94,20 +96,20 @@ def test_constant_coefficients_equal_autograd_at_the_actual_logprobs(loss_type):
     _, _, m, r = _inputs(torch.float64)
     kw = {**DEFAULTS, "loss_type": loss_type, "epsilon": 0.0}
     m = m.double()
-    c0 = L.logprob_coefficients(m, r, **kw)
+    c0 = KC.logprob_coefficients(m, r, **kw)
     lp = (-torch.rand(S, T, dtype=torch.float64) * 3).requires_grad_(True)
-    (c,) = torch.autograd.grad(ref.loss_from_logprobs(lp, m, r, **kw), lp)
+    (c,) = torch.autograd.grad(KC.loss_from_logprobs(lp, m, r, **kw), lp)
     torch.testing.assert_close(c0, c, rtol=0, atol=1e-15)
     assert c0.abs().sum() > 0
 
 
 def test_coefficients_are_constant_only_when_linear():
     old = torch.zeros(S, T)
-    assert not L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "old_logprobs": old})
-    assert not L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "ref_logprobs": old,
+    assert not KC.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "old_logprobs": old})
+    assert not KC.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "ref_logprobs": old,
                                               "kl_coef": 0.1})
-    assert L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "old_logprobs": old})
-    assert L.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "ref_logprobs": old})  # kl_coef = 0
+    assert KC.coefficients_are_constant(**{**DEFAULTS, "loss_type": "softmax", "old_logprobs": old})
+    assert KC.coefficients_are_constant(**{**DEFAULTS, "loss_type": "grpo", "ref_logprobs": old})  # kl_coef = 0
 
 
 def test_one_pass_retained_graph_and_scaled_backward():
@@ -116,9 +118,9 @@ def test_one_pass_retained_graph_and_scaled_backward():
     z, tok, m, r = _inputs()
     mm = ref.effective_mask(tok, m, torch.float32)
     kw = {**DEFAULTS, "loss_type": "softmax"}
-    coef = L.logprob_coefficients(mm, r, **kw)
+    coef = KC.logprob_coefficients(mm, r, **kw)
     zz = z.clone().requires_grad_(True)
-    loss = _ops.one_pass_loss(zz, lambda lp, e: ref.loss_from_logprobs(lp, mm, r, **kw), tok, m, coef, 1.0,
+    loss = _ops.one_pass_loss(zz, lambda lp, e: KC.loss_from_logprobs(lp, mm, r, **kw), tok, m, coef, 1.0,
                               False, "torch")
     (g1,) = torch.autograd.grad(0.25 * loss, zz, retain_graph=True)
     g1 = g1.clone()
@@ -204,14 +206,15 @@ def test_content_checks_cost_one_host_transfer(monkeypatch):
 
 
 def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
+    """check_ids is an explicit argument of the kernel contract: False after the public function validated the
+    ids, and in the backward (it trusts its forward); True (the default) when an op is called directly."""
     import grpo_kernels as gk
-    from grpo_kernels import cpp_ext
-    from grpo_kernels import validation as val
+    from grpo_kernels.kernels import native
 
     seen = []
     for name in ("logprobs_fwd", "logprobs_fwd_grad", "logprobs_bwd"):
-        monkeypatch.setattr(cpp_ext, name, lambda *a, _real=getattr(cpp_ext, name), _n=name, **k:
-                            seen.append((_n, val.ids_are_validated(), cpp_ext._ids_need_check())) or _real(*a, **k))
+        monkeypatch.setattr(native, name, lambda *a, _real=getattr(native, name), _n=name, **k:
+                            seen.append((_n, k.get("check_ids", True))) or _real(*a, **k))
     z, tok, m, r = _inputs()
     gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, backend="cpu")  # one pass
     gk.grpo_loss(z, tok, r, m, group_size=G, backend="cpu")  # no grad: forward op
@@ -219,9 +222,8 @@ def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
     # two passes (off-policy): the backward's kernel trusts the ids its forward op checked
     gk.grpo_loss(z.clone().requires_grad_(True), tok, r, m, group_size=G, loss_type="grpo", backend="cpu",
                  old_logprobs=torch.full((S, T), -4.0)).backward()
-    assert seen == [("logprobs_fwd_grad", True, False), ("logprobs_fwd", True, False), ("logprobs_fwd", True, False),
-                    ("logprobs_fwd", True, False), ("logprobs_bwd", True, False)]
-    assert val.ids_are_validated() is False and cpp_ext._ids_need_check() is True
+    assert seen == [("logprobs_fwd_grad", False), ("logprobs_fwd", False), ("logprobs_fwd", False),
+                    ("logprobs_fwd", False), ("logprobs_bwd", False)]
     assert "check_ids" in str(torch.ops.grpo_kernels_C.logprobs_fwd.default._schema)
     # called directly, the op checks the ids itself before any kernel runs
     seen.clear()
@@ -229,7 +231,7 @@ def test_ops_skip_their_id_check_only_after_validation(monkeypatch):
     bad[0, 0] = V
     with pytest.raises(ValueError, match="tokens must hold ids"):
         torch.ops.grpo_kernels.logprobs_fwd(z, bad, torch.ones(S, T, dtype=torch.bool), 1.0, False, "cpu")
-    assert seen == []
+    assert seen == [("logprobs_fwd", True)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import reference as _ref
 from .. import validation as _v
+from ..options import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from . import harness as _h
 
 Tensor = torch.Tensor
@@ -120,8 +121,8 @@ def parse_shape(text: str) -> Tuple[int, ...]:
 
 
 def parse_loss_type(name: str) -> str:
-    if name not in _v.LOSS_TYPES:
-        raise ValueError(f"--loss-types: unknown loss type {name!r}; choose from {', '.join(_v.LOSS_TYPES)}")
+    if name not in LOSS_TYPES:
+        raise ValueError(f"--loss-types: unknown loss type {name!r}; choose from {', '.join(LOSS_TYPES)}")
     return name
 
 
@@ -282,19 +283,23 @@ def _wrap(case: Case, forward: Callable[[Dict[str, Tensor]], Tensor]) -> Maker:
     return make
 
 
-def _backend_impl(case: Case, backend: str, fused_linear) -> Impl:
+def _backend_impl(case: Case, backend: str) -> Impl:
     import grpo_kernels as gk
 
+    # the baseline row "torch" of the logits ops is the eager reference differentiated by autograd (what a user
+    # writes by hand); the fused-linear "torch" row is the chunked path with the eager kernel (backend="torch")
     kind = "baseline" if (backend == "torch" and case.op in LOGITS_OPS) else "backend"
-    if case.op == "grpo_loss":
+    if case.op == "grpo_loss" and kind == "baseline":
+        fwd = lambda i: _ref.grpo_loss(i["logits"], i["tokens"], i["rewards"], **_loss_kwargs(case))  # noqa: E731
+    elif case.op == "grpo_loss":
         fwd = lambda i: gk.grpo_loss(i["logits"], i["tokens"], i["rewards"], backend=backend, **_loss_kwargs(case))  # noqa: E731
+    elif case.op == "token_logprobs" and kind == "baseline":
+        fwd = lambda i: _ref.token_logprobs(i["logits"], i["tokens"])  # noqa: E731
     elif case.op == "token_logprobs":
         fwd = lambda i: gk.token_logprobs(i["logits"], i["tokens"], backend=backend)  # noqa: E731
     else:
-        if fused_linear is None:
-            return Impl(backend, kind, skip_reason="grpo_kernels.fused_linear_grpo_loss is not available in this build")
-        fwd = lambda i: fused_linear(i["hidden"], i["weight"], i["tokens"], i["rewards"], backend=backend,  # noqa: E731
-                                     **_loss_kwargs(case))
+        fwd = lambda i: gk.fused_linear_grpo_loss(i["hidden"], i["weight"], i["tokens"], i["rewards"],  # noqa: E731
+                                                  backend=backend, **_loss_kwargs(case))
     return Impl(backend, kind, _wrap(case, fwd), materializes_logits=(backend == "torch" and case.op in LOGITS_OPS))
 
 
@@ -331,7 +336,7 @@ def _liger_impl(case: Case, device: torch.device) -> Impl:
     name = "liger"
     if importlib.util.find_spec("liger_kernel") is None:
         return Impl(name, "peer", skip_reason="Liger-Kernel is not installed")
-    if case.op != "token_logprobs" and case.loss_type not in _v.CLIPPED_LOSS_TYPES:
+    if case.op != "token_logprobs" and case.loss_type not in CLIPPED_LOSS_TYPES:
         return Impl(name, "peer", skip_reason=f"Liger has no {case.loss_type!r} loss (clipped family only)")
     kw = _loss_kwargs(case)
     if case.op == "fused_linear":
@@ -465,14 +470,13 @@ def implementations(case: Case, device, *, include: Optional[Sequence[str]] = No
 
     device = torch.device(device)
     avail = gk.available_backends(device)
-    fused_linear = getattr(gk, "fused_linear_grpo_loss", None)
     impls: List[Impl] = []
     if case.op == "fused_linear":
         auto = next((b for b in avail if b != "torch"), "torch")
         impls += _fused_linear_others(case, device, auto)
     for b in ("torch",) + tuple(b for b in BACKEND_NAMES if b != "torch"):
         if b in avail:
-            impls.append(_backend_impl(case, b, fused_linear))
+            impls.append(_backend_impl(case, b))
         else:
             ok, why = _backend_status(b, device)
             impls.append(Impl(b, "backend", skip_reason=f"backend unavailable: {why}"))
@@ -481,16 +485,13 @@ def implementations(case: Case, device, *, include: Optional[Sequence[str]] = No
     else:
         impls += [Impl(p, "peer", skip_reason="peers run on the main cases only (this case is part of the V sweep)")
                   for p in PEER_NAMES]
-    if case.op == "fused_linear" and fused_linear is None:
-        reason = "grpo_kernels.fused_linear_grpo_loss is not available in this build"
-        impls = [Impl(i.name, i.kind, skip_reason=i.skip_reason or reason) for i in impls]
     if include:
         impls = [i for i in impls if i.name in include]
     return impls
 
 
 def _backend_status(name: str, device: torch.device) -> Tuple[bool, str]:
-    from ..backends import backend_status
+    from ..kernels import backend_status
 
     return backend_status(name, device)
 

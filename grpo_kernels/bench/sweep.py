@@ -1,7 +1,7 @@
 """Launch-parameter sweep of the Triton kernels (and the CUDA C++ kernels' fixed launch, for comparison).
 
 ``grpo-kernels sweep`` times ``logprobs_fwd``, ``logprobs_bwd`` and the one-pass ``logprobs_fwd_grad`` of
-:mod:`grpo_kernels.triton_kernels` over a grid of ``block_v`` × ``num_warps`` (× ``programs``, the persistent
+:mod:`grpo_kernels.kernels.triton_impl` over a grid of ``block_v`` × ``num_warps`` (× ``programs``, the persistent
 grid of the one-pass kernel, in multiples of the SM count) at a given vocabulary and token count, and reports
 each configuration's median time and effective bandwidth against the ideal traffic:
 
@@ -16,7 +16,7 @@ fwd_grad     ``2·N·V·e`` (one read + one write: the second read of each row s
 Every configuration's outputs are checked against the default configuration's (``allclose``): a launch
 setting that produced wrong numbers is reported as ``mismatch``, not timed as if it were fine.
 
-This is a measuring tool for GPU sessions (the defaults of :func:`grpo_kernels.triton_kernels._launch_config`
+This is a measuring tool for GPU sessions (the defaults of :func:`grpo_kernels.kernels.triton_impl._launch_config`
 and ``_programs`` are heuristics until a sweep says otherwise). On CPU it runs under ``TRITON_INTERPRET=1``,
 which only checks that it works (``--quick``).
 """
@@ -91,13 +91,13 @@ def _call(tk, kernel: str, inp, cfg: dict):
 
 
 def _cuda_call(kernel: str, inp):
-    from .. import cpp_ext
+    from ..kernels import native
     logits, tokens, mask, coef, lse, ent = inp
     if kernel == "fwd":
-        return lambda: cpp_ext.logprobs_fwd(logits, tokens, mask, 1.0, False)
+        return lambda: native.logprobs_fwd(logits, tokens, mask, 1.0, False)
     if kernel == "bwd":
-        return lambda: cpp_ext.logprobs_bwd(coef, None, logits, tokens, mask, lse, ent, 1.0)
-    return lambda: cpp_ext.logprobs_fwd_grad(logits, tokens, mask, coef, 1.0, False)
+        return lambda: native.logprobs_bwd(coef, None, logits, tokens, mask, lse, ent, 1.0)
+    return lambda: native.logprobs_fwd_grad(logits, tokens, mask, coef, 1.0, False)
 
 
 def _main_output(kernel: str, out):
@@ -120,7 +120,7 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
           on_row: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Run the sweep; returns ``{"meta": ..., "rows": [...]}`` (see the module docstring). ``on_row`` gets the
     result so far (``meta.partial`` true) after every row."""
-    from .. import triton_kernels as tk
+    from ..kernels import triton_impl as tk
 
     device = torch.device(device)
     ok, why = tk.is_available(device)
@@ -130,8 +130,8 @@ def sweep(*, device, vocab_sizes: Sequence[int], tokens: int, dtype: torch.dtype
     copy_bw = harness.copy_bandwidth(device, quick=quick)
     cuda_ok = with_cuda and device.type == "cuda"
     if cuda_ok:
-        from .. import cpp_ext
-        cuda_ok = cpp_ext.is_available(device)[0]
+        from ..kernels import native
+        cuda_ok = native.is_available(device)[0]
     elt = torch.empty((), dtype=dtype).element_size()
     meta = {"device": device_name(device), "sms": sms, "copy_bw_gbps": copy_bw, "cold_l2": cold_l2, "quick": quick,
             "torch": torch.__version__, "triton": _triton_version(),

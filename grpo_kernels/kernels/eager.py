@@ -1,7 +1,7 @@
-"""The kernel-module contract (see :mod:`grpo_kernels.backends`) implemented with eager PyTorch.
+"""Backend ``"torch"``: the kernel contract (see :mod:`grpo_kernels.kernels`) in eager PyTorch.
 
-Not a speed path: it exists so that code written against the contract -- the chunked fused-linear loss on a
-machine without compiled kernels, and the tests of the custom-op plumbing -- runs everywhere. The forward
+Not a speed path: it runs everywhere (any device torch supports), so ``backend="torch"`` means this one
+implementation in ``grpo_loss``, ``token_logprobs`` and the fused-linear path alike. The forward
 comes from :func:`grpo_kernels.reference.token_logprobs` (the one eager copy), the backward is the contract's
 closed-form row gradient (autograd is not available inside a custom op's implementation); rows are
 processed in slices so the fp32 temporaries stay bounded (``ROW_BLOCK`` rows at a time).
@@ -13,11 +13,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference as _ref
+from .. import reference as _ref
+from . import check_token_ids
 
 Tensor = torch.Tensor
 
-BWD_SUPPORTS = ("out",)
 FWD_GRAD = True
 ROW_BLOCK = 256  # rows per slice: bounds the fp32 temporaries to ROW_BLOCK x V
 
@@ -34,7 +34,9 @@ def _rows(logits: Tensor, tokens: Tensor, mask: Tensor):
 
 
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float,
-                 with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                 with_entropy: bool, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    if check_ids:
+        check_token_ids(logits, tokens, mask)
     S, T, _ = logits.shape
     z, y = _rows(logits, tokens, mask)
     acc = _ref.accumulation_dtype(logits.dtype)
@@ -79,7 +81,10 @@ def _grad_rows(zb: Tensor, yb: Tensor, temperature: float, g: Tensor, gh: Option
 
 
 def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
-                 lse: Tensor, entropy: Tensor, temperature: float, out: Optional[Tensor] = None) -> Tensor:
+                 lse: Tensor, entropy: Tensor, temperature: float, out: Optional[Tensor] = None,
+                 check_ids: bool = True) -> Tensor:
+    if check_ids:
+        check_token_ids(logits, tokens, mask)
     S, T, V = logits.shape
     z, y = _rows(logits, tokens, mask)
     res = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device) if out is None else out
@@ -98,7 +103,8 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
 
 
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    logp, lse, ent = logprobs_fwd(logits, tokens, mask, temperature, with_entropy)
-    grad = logprobs_bwd(coef, None, logits, tokens, mask, lse, ent, temperature, out=out)
+                      with_entropy: bool, out: Optional[Tensor] = None,
+                      check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    logp, lse, ent = logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=check_ids)
+    grad = logprobs_bwd(coef, None, logits, tokens, mask, lse, ent, temperature, out=out, check_ids=False)
     return logp, lse, ent, grad

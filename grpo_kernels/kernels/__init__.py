@@ -1,29 +1,45 @@
-"""Backend registry: which fused implementations exist here, and which one ``backend="auto"`` picks.
+"""The kernels: interchangeable implementations of one contract, and the registry that picks one.
 
-A *kernel module* is a module exposing the same three functions (the contract every fused backend meets):
+Every backend is a *kernel module* in this folder; all of them compute the same logits-sized part of the loss
+(per-token log-probs, log-sum-exp, entropy and their logits gradient, docs/design.md §5 and §9):
+
+========== ====================== ===========================================================================
+backend    module                 what it is
+========== ====================== ===========================================================================
+``torch``  :mod:`.eager`          eager PyTorch (forward = :func:`grpo_kernels.reference.token_logprobs`, the
+                                  closed-form gradient below); runs on any device
+``triton`` :mod:`.triton_impl`    Triton kernels (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``)
+``cpu``    :mod:`.native`         the C++ CPU ops built from ``csrc/``
+``cuda``   :mod:`.native`         the CUDA C++ ops built from ``csrc/``
+========== ====================== ===========================================================================
+
+The public API reaches them only through the ops gateway :mod:`.ops` (``torch.library`` custom ops with fake
+implementations and autograd, plus the plain per-chunk calls of the fused-linear path). The pure autograd
+reference, the test oracle, is :func:`grpo_kernels.reference.grpo_loss`.
+
+The contract (every module implements all of it):
 
 ``is_available(device: torch.device) -> tuple[bool, str]``
     whether it can run on tensors of that device here, and if not, why (shown to the user).
-``logprobs_fwd(logits, tokens, mask, temperature, with_entropy) -> (logp, lse, entropy)``
+``logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=True) -> (logp, lse, entropy)``
     ``logits (S, T, V)`` float with ``stride(-1) == 1`` (other strides arbitrary), ``tokens (S, T)`` int64
     contiguous, ``mask (S, T)`` bool contiguous (False for ignored/masked positions: their logits are never
     read and their outputs are 0). Returns contiguous ``(S, T)`` tensors in fp32 (fp64 for fp64 logits):
     the log-prob of the target, the log-sum-exp of ``z/τ``, and the entropy (zeros unless
-    ``with_entropy``).
-``logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature) -> grad_logits``
+    ``with_entropy``). ``check_ids=True``: the module raises ValueError for a token id outside ``[0, V)`` on
+    an unmasked row (on CUDA a host sync); the public functions pass False after validating the ids.
+``logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out=None, check_ids=True)``
     ``grad_logits[s,t,v] = (g_ℓ·(1[v=y] − p_v) − g_H·p_v·(z_v/τ − (lse − H))) / τ`` where ``p = softmax(z/τ)``,
-    written as a new contiguous ``(S, T, V)`` tensor in the logits' dtype; rows with ``mask == False`` are
-    exactly zero. ``grad_entropy`` may be None. A module whose ``BWD_SUPPORTS`` contains ``"out"`` also takes
-    ``out=`` (a tensor with the logits' shape, dtype and strides, possibly the logits themselves) and writes the
-    gradient there, each row after it has been read (used by ``inplace_backward=True``).
-
-``logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=None) -> (logp, lse, entropy, grad)``
-    (modules with ``FWD_GRAD = True``) the one-pass path: the forward outputs plus
+    written as a new contiguous ``(S, T, V)`` tensor in the logits' dtype, or into ``out`` (the logits' shape
+    and dtype, unit vocabulary stride, possibly the logits themselves: each row is read before it is
+    overwritten); rows with ``mask == False`` are exactly zero. ``grad_entropy`` may be None. The autograd
+    backward passes ``check_ids=False``: it trusts the ids its forward saw.
+``logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=None, check_ids=True)``
+    ``-> (logp, lse, entropy, grad)``: the one-pass schedule: the forward outputs plus
     ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ`` for an up-front ``coef (S, T)`` (fp32, fp64 for fp64 logits),
     reading each unmasked row once (a second, cache-hot read of the same row is allowed) and writing the
-    gradient once, into ``out`` when given (which may be the logits themselves). Used when the loss is
-    linear in the log-probs (``coef = ∂loss/∂ℓ`` does not depend on ℓ): the lesson's softmax loss and the
-    clipped losses on-policy, without KL.
+    gradient once, into ``out`` when given (which may be the logits themselves). Used when ``coef = ∂loss/∂ℓ``
+    does not depend on ℓ (:func:`grpo_kernels.reference.coefficients_are_constant`).
 
 The modules are imported lazily: importing ``grpo_kernels`` never imports triton or builds an extension.
 """
@@ -36,14 +52,14 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from . import validation as _v
+from .. import validation as _v
 
 # backend name -> module implementing the kernel contract above
 _KERNEL_MODULES: Dict[str, str] = {
-    "torch": "grpo_kernels.torch_kernels",  # the contract in eager PyTorch (fused-linear fallback, op tests)
-    "triton": "grpo_kernels.triton_kernels",
-    "cuda": "grpo_kernels.cpp_ext",
-    "cpu": "grpo_kernels.cpp_ext",
+    "torch": "grpo_kernels.kernels.eager",
+    "triton": "grpo_kernels.kernels.triton_impl",
+    "cuda": "grpo_kernels.kernels.native",
+    "cpu": "grpo_kernels.kernels.native",
 }
 
 # Preference order of backend="auto" per device type.
@@ -58,7 +74,7 @@ def kernel_module(name: str):
 def backend_status(name: str, device: torch.device) -> Tuple[bool, str]:
     """``(available, reason)`` for one backend on one device type."""
     if name == "torch":
-        return True, "eager PyTorch reference"
+        return True, "eager PyTorch"
     if name not in _KERNEL_MODULES:
         return False, f"unknown backend {name!r}"
     if name == "cuda" and device.type != "cuda":
@@ -116,3 +132,13 @@ def _resolve_backend(backend: str, device) -> str:
 # ``torch.compiler.assume_constant_result`` does (it sets this attribute); setting it directly avoids importing
 # torch._dynamo (seconds, and triton) when grpo_kernels is imported.
 _resolve_backend._dynamo_marked_constant = True
+
+
+def check_token_ids(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+    """The ``check_ids=True`` guard of the modules that do not check inside their own op (eager, Triton): an id
+    outside ``[0, V)`` on a row that will be read would be an out-of-bounds load. One host sync on CUDA."""
+    V = logits.shape[-1]
+    bad = mask & ((tokens < 0) | (tokens >= V))
+    if bool(bad.any()):
+        raise ValueError(f"tokens must hold ids in [0, {V}) or -100 on unmasked positions; "
+                         f"found {tokens[bad][0].item()}")

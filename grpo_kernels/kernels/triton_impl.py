@@ -1,14 +1,14 @@
 """Triton backend: streaming per-row log-softmax kernels (forward, backward, one-pass forward+gradient).
 
-This module is the ``"triton"`` kernel module of :mod:`grpo_kernels.backends` (see the contract in its
+This module is the ``"triton"`` kernel module of :mod:`grpo_kernels.kernels` (see the contract in its
 docstring). Layout of the file: kernel bodies -> the lazily built kernel set -> launchers (checks,
 allocation, grid) -> the contract functions :func:`logprobs_fwd`, :func:`logprobs_bwd`,
-:func:`logprobs_fwd_grad`. The ``torch.library`` ops, fakes and autograd live in :mod:`grpo_kernels._ops`.
+:func:`logprobs_fwd_grad`. The ``torch.library`` ops, fakes and autograd live in :mod:`grpo_kernels.kernels.ops`.
 
 Shapes: ``logits (S, T, V)`` with a unit vocabulary stride (the S and T strides are arbitrary),
 ``tokens (S, T)`` int64, ``mask (S, T)`` bool; per-row outputs ``(S, T)`` in fp32 (fp64 for fp64 logits).
 
-Design (DESIGN.md §5-6):
+Design (docs/design.md §5-6):
 
 * One program per ``(s, t)`` row on a 1-D grid (axis 0 takes up to 2^31-1 programs, so neither S nor T
   ever meets CUDA's 65,535 limit of grid axes 1 and 2). Pointer offsets are int64 (S·T·V may exceed 2^31).
@@ -59,10 +59,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_token_ids
+
 Tensor = torch.Tensor
 
-#: The backward accepts ``out=`` (possibly the logits themselves).
-BWD_SUPPORTS = ("out",)
 #: :func:`logprobs_fwd_grad` (one-pass forward + gradient) is implemented.
 FWD_GRAD = True
 
@@ -434,6 +434,7 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
                  mask: Tensor,  # (S, T) bool, False = not read, outputs 0
                  temperature: float,
                  with_entropy: bool,
+                 check_ids: bool = True,
                  *, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy)``, each ``(S, T)`` contiguous fp32 (fp64 for fp64 logits).
 
@@ -443,6 +444,8 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
     and ``num_warps`` override the launch heuristics.
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    if check_ids:
+        check_token_ids(logits, tokens, mask_u8.bool())
     S, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     logp = torch.empty((S, T), dtype=acc, device=logits.device)
@@ -467,6 +470,7 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
                  entropy: Tensor,  # (S, T) from logprobs_fwd (used only with grad_entropy)
                  temperature: float,
                  out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
+                 check_ids: bool = True,
                  *, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
     """``grad_logits = (g·(1[v=y] − p) − g_H·p·(z/τ − (lse − H))) / τ`` in the logits' dtype.
 
@@ -475,6 +479,8 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
     rows are exactly zero. The target's ``1 − p_y`` is ``Σ_{v≠y} p_v`` (accurate when p_y ~ 1).
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    if check_ids:
+        check_token_ids(logits, tokens, mask_u8.bool())
     S, T, V = logits.shape
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
@@ -503,6 +509,7 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
                       temperature: float,
                       with_entropy: bool,
                       out: Optional[Tensor] = None,  # (S, T, V), may be ``logits`` itself
+                      check_ids: bool = True,
                       *, block_v: Optional[int] = None, num_warps: Optional[int] = None,
                       programs: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass per row: ``(logp, lse, entropy, grad)`` with ``grad = coef·(1[v=y] − p)/τ``.
@@ -514,6 +521,8 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     ``num_warps`` as in :func:`logprobs_fwd`.
     """
     tokens, mask_u8, inv_tau = _check_inputs(logits, tokens, mask, temperature)
+    if check_ids:
+        check_token_ids(logits, tokens, mask_u8.bool())
     S, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     if out is None:

@@ -1,28 +1,34 @@
-"""The ``torch.library`` custom ops behind every fused backend, with fake implementations and autograd.
+"""The ops gateway: the only way the public API (``loss.py``, ``fused_linear.py``) reaches a kernel module.
 
-Two ops carry all logits-sized work:
+Three ``torch.library`` custom ops carry all logits-sized work, with fake implementations (so ``torch.compile``
+traces through them, ``fullgraph=True`` included) and autograd; ``torch.library.opcheck`` checks them:
 
-``grpo_kernels::logprobs_fwd(logits, tokens, mask, temperature, with_entropy, backend) -> (logp, lse, entropy)``
-``grpo_kernels::logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, backend)
--> grad_logits``
+``grpo_kernels::logprobs_fwd(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward, check_ids)``
+    ``-> (logp, lse, entropy)``; differentiable (its backward is ``logprobs_bwd`` / ``logprobs_bwd_inplace``).
+``grpo_kernels::logprobs_bwd(...)`` / ``grpo_kernels::logprobs_bwd_inplace(...)``
+    the two-pass backward, into a new buffer or into the logits' own storage.
+``grpo_kernels::logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids)``
+    the one-pass forward + gradient (see :func:`one_pass_loss`).
 
-``backend`` names the kernel module (``"triton"``, ``"cuda"``, ``"cpu"``; see :mod:`grpo_kernels.backends`
-for the contract). Being custom ops with fake implementations, they are opaque to ``torch.compile``
-(``fullgraph=True`` traces through them) and checked by ``torch.library.opcheck``.
+``backend`` names the kernel module (see the contract in :mod:`grpo_kernels.kernels`). ``check_ids`` is explicit:
+the public functions pass False after they validated the token ids themselves (eager mode) and True while
+``torch.compile`` traces (validation cannot run then, so the op checks at run time); the backward trusts the
+ids its forward saw. :func:`kernel_fwd` and :func:`kernel_fwd_grad` are the same calls without autograd, for
+the fused-linear path's chunks (which may write the gradient into the chunk buffer, ``out=``).
 
-Memory traffic: the forward reads each unmasked logits row once; the backward reads it once more and
-writes the gradient once (DESIGN.md §6). Masked rows are never read.
+Memory traffic: the forward reads each unmasked logits row once; the backward reads it once more and writes
+the gradient once; the one-pass op reads it once (plus a cache-hot reread) and writes the gradient once
+(docs/design.md §6). Masked rows are never read.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 
-from . import backends as _backends
-from . import validation as _v
+from .. import validation as _v
+from . import kernel_module
 
 Tensor = torch.Tensor
 
@@ -31,32 +37,35 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def validated_ids_context():
-    """:func:`validation.ids_validated` in eager mode, a no-op context while ``torch.compile`` traces (validation
-    is skipped while tracing, so the ops keep checking at run time)."""
-    return contextlib.nullcontext() if _v._is_compiling() else _v.ids_validated()
+def check_ids_in_op() -> bool:
+    """The ``check_ids`` the public functions pass after validating their arguments: False in eager mode (the
+    ids were just checked), True while ``torch.compile`` traces (validation is skipped then)."""
+    return _v._is_compiling()
 
 
-def _check_ids(logits: Tensor, tokens: Tensor, mask: Tensor) -> None:
-    # The kernels' own guard: an out-of-range id on a row they will read would be an out-of-bounds load.
-    if _v.ids_are_validated():
-        return
-    V = logits.shape[-1]
-    bad = mask & ((tokens < 0) | (tokens >= V))
-    if bool(bad.any()):
-        raise ValueError(f"tokens must hold ids in [0, {V}) or -100 on unmasked positions; "
-                         f"found {tokens[bad][0].item()}")
+def kernel_fwd(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
+               *, check_ids: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy)`` from backend's ``logprobs_fwd`` (no autograd; kernel layout, see :func:`prepare`)."""
+    return kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=check_ids)
+
+
+def kernel_fwd_grad(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
+                    with_entropy: bool, *, out: Optional[Tensor] = None,
+                    check_ids: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy, grad)`` from backend's one-pass ``logprobs_fwd_grad`` (no autograd); ``out`` may be
+    the logits themselves (the fused-linear chunk buffer)."""
+    return kernel_module(backend).logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=out,
+                                                    check_ids=check_ids)
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
-                 backend: str, inplace_backward: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_ids(logits, tokens, mask)
-    return _backends.kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy)
+                 backend: str, inplace_backward: bool = False, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    return kernel_fwd(backend, logits, tokens, mask, temperature, with_entropy, check_ids=check_ids)
 
 
 @logprobs_fwd.register_fake
-def _(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward=False):
+def _(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward=False, check_ids=True):
     S, T, _ = logits.shape
     dt = _acc_dtype(logits.dtype)
     return (logits.new_empty((S, T), dtype=dt), logits.new_empty((S, T), dtype=dt),
@@ -66,8 +75,9 @@ def _(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward
 @torch.library.custom_op("grpo_kernels::logprobs_bwd", mutates_args=())
 def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
                  lse: Tensor, entropy: Tensor, temperature: float, backend: str) -> Tensor:
-    return _backends.kernel_module(backend).logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse,
-                                                         entropy, temperature)
+    # the autograd backward: these are the very ids its forward saw (and checked when asked to)
+    return kernel_module(backend).logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy,
+                                               temperature, check_ids=False)
 
 
 @logprobs_bwd.register_fake
@@ -80,11 +90,9 @@ def logprobs_bwd_inplace(grad_logp: Tensor, grad_entropy: Optional[Tensor], logi
                          mask: Tensor, lse: Tensor, entropy: Tensor, temperature: float, backend: str) -> None:
     """Overwrite ``logits`` with the gradient. Declared as mutating ``logits``, so its version counter moves
     and any other autograd node that saved the logits fails loudly instead of reading the gradient."""
-    mod = _backends.kernel_module(backend)
-    if "out" in getattr(mod, "BWD_SUPPORTS", ()):  # kernel writes each row in place after reading it
-        mod.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out=logits)
-    else:
-        logits.copy_(mod.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature))
+    # every kernel module writes each row in place after reading it (the contract's out=)
+    kernel_module(backend).logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature,
+                                        out=logits, check_ids=False)
 
 
 @logprobs_bwd_inplace.register_fake
@@ -106,7 +114,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     logits, tokens, mask, lse, entropy = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     grad_logp = grad_logp.to(lse.dtype).contiguous()
@@ -114,15 +122,12 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
         grad_entropy = grad_entropy.to(lse.dtype).contiguous()
     else:
         grad_entropy = None
-    # the forward op checked these very (saved) tokens: the kernels need not check them again
-    with validated_ids_context():
-        if ctx.inplace:
-            logprobs_bwd_inplace(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
-                                 ctx.backend)
-            return logits, None, None, None, None, None, None
-        grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
-                            ctx.backend)
-    return grad, None, None, None, None, None, None
+    if ctx.inplace:
+        logprobs_bwd_inplace(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature,
+                             ctx.backend)
+        return logits, None, None, None, None, None, None, None
+    grad = logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, ctx.temperature, ctx.backend)
+    return grad, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("grpo_kernels::logprobs_fwd", _backward, setup_context=_setup_context)
@@ -141,8 +146,8 @@ def prepare(logits: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> Tuple[Ten
 
 
 def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
-                         with_entropy: bool, backend: str,
-                         inplace_backward: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                         with_entropy: bool, backend: str, inplace_backward: bool = False, *,
+                         check_ids: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """``(logp, entropy or None)`` of shape ``(S, T)`` through the custom op (differentiable).
 
     ``inplace_backward=True`` writes the gradient into the logits' own storage (saves one ``[S, T, V]``
@@ -154,25 +159,23 @@ def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor],
                          "gradient into their storage); pass contiguous logits or inplace_backward=False")
     logits, tokens, keep = prepare(logits, tokens, mask)
     logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend,
-                                    bool(inplace_backward))
+                                    bool(inplace_backward), bool(check_ids))
     return logp, (entropy if with_entropy else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The one-pass path: log-probs and the logits gradient in the same pass (DESIGN.md §5)
+# The one-pass path: log-probs and the logits gradient in the same pass (docs/design.md §5)
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("grpo_kernels::logprobs_fwd_grad", mutates_args=())
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      with_entropy: bool, backend: str, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ``: one read of each
     unmasked logits row, one write of the gradient. Not differentiable itself (see :func:`one_pass_loss`)."""
-    _check_ids(logits, tokens, mask)
-    mod = _backends.kernel_module(backend)
-    return mod.logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy)
+    return kernel_fwd_grad(backend, logits, tokens, mask, coef, temperature, with_entropy, check_ids=check_ids)
 
 
 @logprobs_fwd_grad.register_fake
-def _(logits, tokens, mask, coef, temperature, with_entropy, backend):
+def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True):
     S, T, _ = logits.shape
     dt = _acc_dtype(logits.dtype)
     small = [logits.new_empty((S, T), dtype=dt) for _ in range(3)]
@@ -181,7 +184,7 @@ def _(logits, tokens, mask, coef, temperature, with_entropy, backend):
 
 def supports_one_pass(backend: str) -> bool:
     """Whether the kernel module of ``backend`` implements ``logprobs_fwd_grad``."""
-    return bool(getattr(_backends.kernel_module(backend), "FWD_GRAD", False))
+    return bool(getattr(kernel_module(backend), "FWD_GRAD", False))
 
 
 def scale_saved_gradients(ctx, grads, grad_out: Tensor):
@@ -231,7 +234,7 @@ class _AttachGradient(torch.autograd.Function):
 
 
 def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tensor], coef: Tensor,
-                  temperature: float, with_entropy: bool, backend: str):
+                  temperature: float, with_entropy: bool, backend: str, *, check_ids: bool = True):
     """Run the one-pass kernel and return ``value_fn(logp, entropy)`` whose backward delivers the precomputed
     logits gradient (scaled by the incoming gradient).
 
@@ -242,7 +245,7 @@ def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tenso
     l3, tokens, keep = prepare(logits, tokens, mask)
     coef = coef.to(_acc_dtype(l3.dtype)).contiguous()
     logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
-                                               bool(with_entropy), backend)
+                                               bool(with_entropy), backend, bool(check_ids))
     out = value_fn(logp, entropy if with_entropy else None)
     loss, metrics = out if isinstance(out, tuple) else (out, None)
     loss = _AttachGradient.apply(logits, loss, grad)

@@ -1,7 +1,8 @@
 """Kernel module of the ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA ops of ``csrc/`` (library ``grpo_kernels_C``).
 
-Implements the kernel-module contract of :mod:`grpo_kernels.backends` (``is_available``, ``logprobs_fwd``,
-``logprobs_bwd`` with ``out=``) plus the one-pass ``logprobs_fwd_grad``. Shapes: logits ``(S, T, V)`` with a
+Implements the kernel contract of :mod:`grpo_kernels.kernels` (``is_available``, ``logprobs_fwd``,
+``logprobs_bwd`` with ``out=``, the one-pass ``logprobs_fwd_grad``); ``check_ids`` goes to the C++ ops, which
+check the ids themselves. Shapes: logits ``(S, T, V)`` with a
 unit vocabulary stride, ``tokens (S, T)`` int64, ``mask (S, T)`` bool, per-row tensors ``(S, T)`` in fp32
 (fp64 for fp64 logits).
 
@@ -28,14 +29,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import validation as _v
 
 Tensor = torch.Tensor
 
-BWD_SUPPORTS = ("out",)
 FWD_GRAD = True
 
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # grpo_kernels/
 # csrc/ next to the package (a source checkout / editable install), else inside it (a wheel that ships it)
 _CSRC = next((d for d in (os.path.join(os.path.dirname(_PKG_DIR), "csrc"), os.path.join(_PKG_DIR, "csrc"))
               if os.path.isfile(os.path.join(d, "ops.cpp"))), os.path.join(os.path.dirname(_PKG_DIR), "csrc"))
@@ -188,35 +187,31 @@ def _kind(t: Tensor) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Kernel-module contract
 # --------------------------------------------------------------------------------------------------------------
-def _ids_need_check() -> bool:
-    """The ops' own token-id check (a host sync on CUDA) runs unless the caller has just validated the ids
-    (:func:`grpo_kernels.validation.ids_validated`)."""
-    return not _v.ids_are_validated()
-
-
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float,
-                 with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                 with_entropy: bool, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy)``, each ``(S, T)`` fp32 (fp64 for fp64 logits); see the module docstring."""
     ensure_loaded(_kind(logits))
     return torch.ops.grpo_kernels_C.logprobs_fwd(logits, tokens, mask, float(temperature), bool(with_entropy),
-                                                 _ids_need_check())
+                                                 bool(check_ids))
 
 
 def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, tokens: Tensor, mask: Tensor,
-                 lse: Tensor, entropy: Tensor, temperature: float, out: Optional[Tensor] = None) -> Tensor:
+                 lse: Tensor, entropy: Tensor, temperature: float, out: Optional[Tensor] = None,
+                 check_ids: bool = True) -> Tensor:
     """Gradient w.r.t. the logits ``(S, T, V)`` in their dtype (written into ``out`` when given)."""
     ensure_loaded(_kind(logits))
     ops = torch.ops.grpo_kernels_C
     if out is None:
         return ops.logprobs_bwd(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature),
-                                _ids_need_check())
+                                bool(check_ids))
     ops.logprobs_bwd_out(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, float(temperature), out,
-                         _ids_need_check())
+                         bool(check_ids))
     return out
 
 
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      with_entropy: bool, out: Optional[Tensor] = None,
+                      check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass: ``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t] (1[v=y] - p_v) / τ``.
 
     ``coef (S, T)`` fp32 (fp64 for fp64 logits). ``grad`` is a new contiguous tensor in the logits' dtype, or
@@ -226,9 +221,9 @@ def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor
     ops = torch.ops.grpo_kernels_C
     if out is None:
         return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                     _ids_need_check())
+                                     bool(check_ids))
     logp, lse, ent = ops.logprobs_fwd_grad_out(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                               out, _ids_need_check())
+                                               out, bool(check_ids))
     return logp, lse, ent, out
 
 
