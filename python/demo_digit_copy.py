@@ -10,8 +10,8 @@ A 2-layer Llama (hidden 64, ~0.1M parameters) with random weights learns, from r
 
 import argparse
 
-from grpo_kernels.demo import DEMO_DEFAULTS, DEMO_MODEL, build_model, build_tokenizer, make_copy_rows
-from grpo_kernels.rewards import digit_copy_reward
+from grpo_kernels.trainer.demo import DEMO_DEFAULTS, DEMO_MODEL, build_model, build_tokenizer, make_copy_rows
+from grpo_kernels.trainer.rewards import digit_copy_reward
 from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
 

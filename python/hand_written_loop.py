@@ -18,8 +18,8 @@ import random
 import torch
 
 from grpo_kernels import grpo_loss
-from grpo_kernels.demo import build_model, build_tokenizer
-from grpo_kernels.rewards import digit_copy_reward
+from grpo_kernels.trainer.demo import build_model, build_tokenizer
+from grpo_kernels.trainer.rewards import digit_copy_reward
 
 
 def main():

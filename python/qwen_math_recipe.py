@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from grpo_kernels.rewards import format_reward_func, length_penalty_func
+from grpo_kernels.trainer.rewards import format_reward_func, length_penalty_func
 from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
 def main():

@@ -375,7 +375,7 @@ def test_sweep_quick_under_interpreter(tmp_path, triton_interpret, capsys):
 
 def test_sweep_reports_a_configuration_with_wrong_outputs(triton_interpret, monkeypatch):
     pytest.importorskip("triton")
-    from grpo_kernels import triton_kernels as tk
+    from grpo_kernels.kernels import triton_impl as tk
     from grpo_kernels.bench import sweep as SW
 
     real = tk.logprobs_fwd

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grpo_kernels.demo import build_tokenizer
+from grpo_kernels.trainer.demo import build_tokenizer
 from grpo_kernels.trainer import DatasetFormatError, GRPODataset
 
 

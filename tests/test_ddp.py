@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo) under DDP take the same step as one process with the same global batch."""
+"""Two CPU processes (gloo) under DDP take the same step as one process with the same global batch.
+
+The gradients are compared as the optimizer receives them (after DDP's all-reduce and clipping): AdamW's first step
+is ~lr·sign(g), which turns rounding noise in near-zero gradient entries into visible parameter differences."""
 
 import gc
 import os
@@ -9,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from grpo_kernels.demo import build_model, build_tokenizer
+from grpo_kernels.trainer.demo import build_model, build_tokenizer
 from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
@@ -29,11 +32,15 @@ def _config(out, per_device, loss_type):
 
 
 def _run(out, per_device, loss_type):
+    """One training step; returns (trainer, metrics, {parameter name: the gradient the optimizer stepped with})."""
     tok = build_tokenizer()
     model = build_model(tok, seed=11, **TINY)
     tr = GRPOTrainer(model, GRPODataset(ROWS, tok, num_samples=4), _config(out, per_device, loss_type))
+    grads = {}
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kw: grads.update(
+        {n: p.grad.clone() for n, p in tr.unwrapped.named_parameters() if p.grad is not None}))
     metrics = tr.training_step(tr.get_batch(0))
-    return tr, metrics
+    return tr, metrics, grads
 
 
 def _worker(rank, world, port, out, loss_type):
@@ -41,10 +48,11 @@ def _worker(rank, world, port, out, loss_type):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        tr, metrics = _run(out, 2, loss_type)
+        tr, metrics, grads = _run(out, 2, loss_type)
         assert tr.world_size == world and tr.batch_indices(0) == [2 * rank, 2 * rank + 1]
         if rank == 0:
-            torch.save({"params": tr.unwrapped.state_dict(), "metrics": metrics}, os.path.join(out, "ddp.pt"))
+            torch.save({"params": tr.unwrapped.state_dict(), "grads": grads, "metrics": metrics},
+                       os.path.join(out, "ddp.pt"))
         torch.distributed.barrier()
         # The DDP wrapper (its reducer holds the process group) goes before the group does: destroyed the other
         # way round, at the function's return, its destructor can block on the torn-down group.
@@ -72,9 +80,11 @@ def test_two_process_ddp_step_equals_single_process(tmp_path, loss_type):
                 p.kill()
             pytest.fail("the two DDP workers did not finish within 180 s")
     got = torch.load(os.path.join(out, "ddp.pt"))
-    single, m1 = _run(out, 4, loss_type)
-    for k, v in single.unwrapped.state_dict().items():
-        torch.testing.assert_close(got["params"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+    _, m1, g1 = _run(out, 4, loss_type)
+    assert got["grads"].keys() == g1.keys() and len(g1) > 5
+    assert any(g.abs().max() > 1e-3 for g in g1.values())  # a non-trivial gradient
+    for k, g in g1.items():
+        torch.testing.assert_close(got["grads"][k], g, atol=1e-7, rtol=1e-5, msg=k)
     assert got["metrics"]["reward"] == pytest.approx(m1["reward"], rel=1e-6)
     assert got["metrics"]["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6)
     initial = build_model(build_tokenizer(), seed=11, **TINY).state_dict()

@@ -97,16 +97,24 @@ def test_config_produces_loss_options_with_the_same_defaults():
         assert fields[f.name] == f.default, f.name
 
 
-def test_cli_has_a_flag_per_option_with_the_same_default():
-    from grpo_kernels.trainer.cli import build_parser
+def test_cli_has_a_flag_per_option_with_the_same_default(tmp_path):
+    """Each option is a ``grpo-kernels train`` flag; unset, the demo's config has the option's default, and set,
+    it reaches ``config.loss_options()``."""
+    import argparse
 
-    parser = build_parser()
-    dests = {a.dest: a for a in parser._actions}
+    from grpo_kernels.trainer import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    dests = {a.dest for a in parser._actions}
+    _, _, _, cfg = cli.build_demo(parser.parse_args([]), {})
+    assert cfg.loss_options() == LossOptions(loss_type=cfg.loss_type)  # the demo sets only the loss type
     for name, (value, ctx) in NON_DEFAULT.items():
         assert name in dests, f"grpo-kernels train has no --{name.replace('_', '-')} flag"
         extra = ["--loss-type", ctx["loss_type"]] if "loss_type" in ctx and name != "loss_type" else []
         args = parser.parse_args(extra + [f"--{name.replace('_', '-')}", str(value)])
-        assert getattr(args, name) == value or str(getattr(args, name)) == str(value), name
+        _, _, _, cfg = cli.build_demo(args, cli._overrides(args))
+        assert getattr(cfg.loss_options(), name) == value, name
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))
@@ -162,13 +170,13 @@ def test_beta_with_a_clipped_loss_is_an_error_everywhere(loss_type):
         LossOptions(loss_type=loss_type, beta=0.04).validate()
 
 
-def test_beta_with_a_clipped_loss_is_an_error_in_the_cli(capsys):
+def test_beta_with_a_clipped_loss_is_an_error_in_the_cli(capsys, tmp_path):
     from grpo_kernels.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--loss-type", "grpo", "--beta", "0.04", "--max-steps", "1"])
-    assert e.value.code != 0
+    rc = main(["train", "--loss-type", "grpo", "--beta", "0.04", "--max-steps", "1", "--output-dir", str(tmp_path)])
+    assert rc == 2
     assert "the KL coefficient is `kl_coef`" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started
 
 
 def test_softmax_keeps_beta_as_its_temperature():

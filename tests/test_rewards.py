@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo_kernels import rewards as R
+from grpo_kernels.trainer import rewards as R
 
 
 def test_registry():
@@ -65,7 +65,7 @@ def test_combined_weights_and_per_function_values():
 def test_reward_model_from_local_path(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from grpo_kernels.demo import build_tokenizer
+    from grpo_kernels.trainer.demo import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -9,7 +9,7 @@ import torch
 
 import grpo_kernels
 from grpo_kernels import reference as ref
-from grpo_kernels.demo import build_model, build_tokenizer, make_copy_rows
+from grpo_kernels.trainer.demo import build_model, build_tokenizer, make_copy_rows
 from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)

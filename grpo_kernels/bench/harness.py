@@ -14,7 +14,7 @@ op                  mode        ideal bytes
 grpo_loss           fwd         ``N*V*e`` (one read of the logits) + ``8N`` tokens + ``N`` bool mask (if
                                 given) + ``4S`` rewards
 grpo_loss           fwd_bwd     ``2*N*V*e`` (one read of the logits + one write of their gradient: the
-                                one-pass floor of DESIGN.md §6, since ``c = ∂loss/∂ℓ`` is known up-front)
+                                one-pass floor of docs/design.md §6, since ``c = ∂loss/∂ℓ`` is known up-front)
                                 + the same small tensors
 token_logprobs      fwd         ``N*V*e`` + ``8N`` tokens (+ ``N`` mask) + ``4N`` log-probs written (fp32)
 token_logprobs      fwd_bwd     ``3*N*V*e`` (the upstream gradient only exists after the forward, so the

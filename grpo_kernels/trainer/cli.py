@@ -1,7 +1,7 @@
 """``grpo-kernels train``: GRPO from the command line.
 
 With no task arguments (no ``--model``/``--dataset``/``--config``) it runs the built-in CPU demo
-(:mod:`grpo_kernels.demo`): a tiny random-init Llama learns to copy a digit string from rewards alone.
+(:mod:`grpo_kernels.trainer.demo`): a tiny random-init Llama learns to copy a digit string from rewards alone.
 
     grpo-kernels train                                   # the demo, writes ./grpo_demo_output/
     grpo-kernels train --model ./my-qwen --dataset math.jsonl --reward-funcs exact_answer --output-dir run1
@@ -20,20 +20,17 @@ import json
 import os
 import sys
 import time
-import typing
-from typing import Optional
 
 
 def _field_type(f):
-    t = f.type if not isinstance(f.type, str) else f.type
-    s = str(t)
+    """``(kind, element type)`` of a GRPOConfig field from its annotation: ``("list", float|str)``,
+    ``("bool", None)`` or ``("scalar", int|float|str)`` (``Optional[...]`` is the inner type)."""
+    s = str(f.type)  # the annotation text (config.py uses postponed annotations)
     if "List" in s or "list" in s:
         return "list", float if "float" in s else str
     if "bool" in s:
         return "bool", None
-    if "int" in s and "Optional" not in s:
-        return "scalar", int
-    if "Optional[int]" in s:
+    if "int" in s:
         return "scalar", int
     if "float" in s:
         return "scalar", float
@@ -49,7 +46,7 @@ def _bool(v: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .trainer.config import GRPOConfig
+    from .config import GRPOConfig
 
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of GRPOConfig fields (flags override it)")
     parser.add_argument("--model", metavar="LOCAL_PATH", help="local Hugging Face causal-LM directory (default: the demo model)")
@@ -74,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    from .trainer.config import GRPOConfig
+    from .config import GRPOConfig
 
     out = {n: getattr(args, n) for n in GRPOConfig.field_names() if getattr(args, n, None) is not None}
     if args.resume:
@@ -89,7 +86,7 @@ def _is_rank0() -> bool:
 def build_demo(args, overrides: dict):
     """(model, tokenizer, rows, config) of the built-in demo."""
     from . import demo
-    from .trainer.config import GRPOConfig
+    from .config import GRPOConfig
 
     digits = args.demo_digits or demo.DEMO_NUM_DIGITS
     d = dict(demo.DEMO_DEFAULTS, max_new_tokens=digits + 1)  # the digits, then <eos>
@@ -104,7 +101,7 @@ def build_demo(args, overrides: dict):
 def build_task(args, overrides: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .trainer.config import GRPOConfig
+    from .config import GRPOConfig
 
     cfg = GRPOConfig.from_file(args.config, **overrides) if args.config else GRPOConfig.from_dict(overrides)
     if not args.model:
@@ -122,7 +119,8 @@ def build_task(args, overrides: dict):
 
 
 def run(args) -> int:
-    from .trainer import GRPODataset, GRPOTrainer
+    from .data import GRPODataset
+    from .trainer import GRPOTrainer
 
     overrides = _overrides(args)
     is_demo = not (args.model or args.dataset or args.config)

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-_LOSS_TYPES = ("softmax", "grpo", "bnpo", "dr_grpo", "dapo")
+from ..options import LossOptions
+
 _SCHEDULERS = ("cosine", "constant", "linear")
 
 
@@ -47,16 +48,16 @@ class GRPOConfig:
     use_chat_template: bool = True  # only when the tokenizer has one
     skip_invalid_rows: bool = False  # skip malformed JSONL rows (a count is reported) instead of raising
 
-    # --- loss (DESIGN.md §3-4) ---
+    # --- loss: the fields of grpo_kernels.LossOptions, same names and defaults (docs/design.md §3-4) ---
     loss_type: str = "softmax"
-    beta: float = 0.1  # softmax group-weight temperature
+    beta: Optional[float] = None  # softmax group-weight temperature (softmax only; None = 0.1). TRL's beta is kl_coef
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     delta: Optional[float] = None
     scale_rewards: str = "group"
     importance_sampling_level: str = "token"
-    kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds the k3 KL
-    max_completion_length: Optional[int] = None  # dr_grpo normalizer (default: max_new_tokens)
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds the k3 KL (TRL's beta)
+    max_completion_length: Optional[int] = None  # dr_grpo normalizer (the trainer uses max_new_tokens when None)
     backend: str = "auto"
     fused_linear: bool = False  # loss from hidden states + lm_head weight (grpo_kernels.fused_linear_grpo_loss)
 
@@ -106,8 +107,7 @@ class GRPOConfig:
             pos_int(n)
         for n in ("warmup_steps", "save_steps", "top_k"):
             pos_int(n, allow_zero=True)
-        if self.loss_type not in _LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
+        self.loss_options()  # every loss field, checked by LossOptions.validate (the one definition)
         if self.lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {_SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.per_device_batch_size % self.gradient_accumulation_steps:
@@ -127,6 +127,11 @@ class GRPOConfig:
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                              f"{len(self.reward_funcs)} (the reward model has its own reward_model_weight)")
         return self
+
+    def loss_options(self) -> LossOptions:
+        """The :class:`~grpo_kernels.options.LossOptions` of this config (validated): its fields of the same
+        names. ``temperature`` is the sampling temperature, which the loss divides the logits by too."""
+        return LossOptions(**{k: getattr(self, k) for k in LossOptions.names()}).validate()
 
     # ------------------------------------------------------------------ io
     @classmethod

@@ -7,7 +7,7 @@ Everything is built in code, nothing is downloaded:
 * :func:`build_model` -- a ``LlamaForCausalLM`` from a ``LlamaConfig`` (2 layers, hidden 64), random init from a seed.
 * :func:`make_copy_rows` -- the task: prompt ``"<bos>4 7 1="``-style rows ``{"prompt": "471=", "answer": "471"}``.
   The answer must be produced after ``=``, followed by ``<eos>``.
-* The reward is :func:`grpo_kernels.rewards.digit_copy_reward`:
+* The reward is :func:`grpo_kernels.trainer.rewards.digit_copy_reward`:
   ``#{i < n : completion[i] == answer[i]} / max(n, len(completion))`` -- per-position credit, 1.0 only for the
   exact copy followed by ``<eos>``. A uniformly random policy over the 18 tokens scores about 0.05.
 
