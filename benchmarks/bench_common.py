@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from grpo_kernels.bench import cases as C
+from grpo_kernels.bench import impls as I
 from grpo_kernels.bench import harness as H
 
 DEVICE = torch.device(os.environ.get("GRPO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -65,7 +66,7 @@ def case_id(case: C.Case) -> str:
 
 def run_benchmark(benchmark, case: C.Case, impl_name: str) -> None:
     """Benchmark ``impl_name`` on ``case`` with pytest-benchmark (skips, with the reason, what cannot run)."""
-    impls = {i.name: i for i in C.implementations(case, DEVICE)}
+    impls = {i.name: i for i in I.implementations(case, DEVICE)}
     impl = impls.get(impl_name)
     if impl is None:
         pytest.skip(f"{impl_name} does not apply to {case.op}")

@@ -14,6 +14,7 @@ import torch
 import grpo_kernels
 from grpo_kernels.bench import cases as C
 from grpo_kernels.bench import harness as H
+from grpo_kernels.bench import impls as I
 from grpo_kernels.bench import report as R
 from grpo_kernels.cli import main
 
@@ -186,7 +187,7 @@ def test_parsers_accept_aliases():
 
 def test_implementations_list_baseline_first_and_explain_skips():
     case = C.Case("grpo_loss", "fwd", 4, 8, 64)
-    impls = C.implementations(case, "cpu")
+    impls = I.implementations(case, "cpu")
     names = [i.name for i in impls]
     assert names[0] == "torch" and impls[0].kind == "baseline" and impls[0].skip_reason is None
     assert set(C.PEER_NAMES) <= set(names)
@@ -215,9 +216,9 @@ def test_measure_reports_errors_and_skips_as_rows():
         def run():
             raise RuntimeError("kernel exploded")
         return run
-    row, out = C.measure(case, C.Impl("x", "backend", broken), "cpu", inputs, quick=True)
+    row, out = C.measure(case, I.Impl("x", "backend", broken), "cpu", inputs, quick=True)
     assert row["status"] == "error" and "kernel exploded" in row["reason"] and out is None
-    row, _ = C.measure(case, C.Impl("y", "peer", skip_reason="not installed"), "cpu", inputs)
+    row, _ = C.measure(case, I.Impl("y", "peer", skip_reason="not installed"), "cpu", inputs)
     assert row["status"] == "skipped" and row["reason"] == "not installed"
 
 
@@ -231,7 +232,7 @@ def test_measure_call_budget_reports_the_slow_call():
             time.sleep(0.2)
             return torch.zeros(())
         return run
-    row, _ = C.measure(case, C.Impl("slow", "backend", slow), "cpu", C.build_inputs(case, "cpu"), quick=True,
+    row, _ = C.measure(case, I.Impl("slow", "backend", slow), "cpu", C.build_inputs(case, "cpu"), quick=True,
                        call_budget_s=0.1)
     assert row["status"] == "skipped" and "per-call budget" in row["reason"]
     assert row["single_call_ms"] >= 200 and len(calls) == 1  # not called again
@@ -240,7 +241,7 @@ def test_measure_call_budget_reports_the_slow_call():
 def test_measure_torch_row_matches_reference_and_model():
     case = C.Case("grpo_loss", "fwd_bwd", 4, 8, 64)
     inputs = C.build_inputs(case, "cpu")
-    impl = C.implementations(case, "cpu", include=["torch"])[0]
+    impl = I.implementations(case, "cpu", include=["torch"])[0]
     row, fp = C.measure(case, impl, "cpu", inputs, quick=True)
     assert row["status"] == "ok", row
     # the fingerprint: loss, then each gradient row's norm, then the gradient at the target class

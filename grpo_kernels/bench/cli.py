@@ -26,6 +26,7 @@ from typing import List
 import torch
 
 from . import cases as _c
+from . import impls as _impls
 from . import harness as _h
 from . import report as _r
 
@@ -129,7 +130,7 @@ def run(args) -> int:
     if include is None and args.quick:
         include = [n for n in _c.IMPL_NAMES if n != "torch.compile"]
 
-    plan = [(case, _c.implementations(case, dev, include=include)) for case in cases]
+    plan = [(case, _impls.implementations(case, dev, include=include)) for case in cases]
     total = sum(len(impls) for _, impls in plan)
     print(f"grpo-kernels bench: {len(cases)} cases, {total} rows on {_r.device_name(dev)}; "
           f"backends here: {', '.join(__import__('grpo_kernels').available_backends(dev))}", file=sys.stderr)

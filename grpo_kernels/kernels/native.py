@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..reference import accumulation_dtype
+
 
 Tensor = torch.Tensor
 
@@ -230,13 +232,9 @@ def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor
 # --------------------------------------------------------------------------------------------------------------
 # Fake (meta) implementations, registered once the library exists
 # --------------------------------------------------------------------------------------------------------------
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rows(logits: Tensor):
     S, T, _ = logits.shape
-    return logits.new_empty((S, T), dtype=_acc(logits.dtype))
+    return logits.new_empty((S, T), dtype=accumulation_dtype(logits.dtype))
 
 
 def _register_fakes() -> None:

@@ -28,13 +28,10 @@ from typing import Optional, Tuple
 import torch
 
 from .. import validation as _v
+from ..reference import accumulation_dtype
 from . import kernel_module
 
 Tensor = torch.Tensor
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_ids_in_op() -> bool:
@@ -67,7 +64,7 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
 @logprobs_fwd.register_fake
 def _(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward=False, check_ids=True):
     S, T, _ = logits.shape
-    dt = _acc_dtype(logits.dtype)
+    dt = accumulation_dtype(logits.dtype)
     return (logits.new_empty((S, T), dtype=dt), logits.new_empty((S, T), dtype=dt),
             logits.new_empty((S, T), dtype=dt))
 
@@ -177,7 +174,7 @@ def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor
 @logprobs_fwd_grad.register_fake
 def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True):
     S, T, _ = logits.shape
-    dt = _acc_dtype(logits.dtype)
+    dt = accumulation_dtype(logits.dtype)
     small = [logits.new_empty((S, T), dtype=dt) for _ in range(3)]
     return (*small, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
 
@@ -243,7 +240,7 @@ def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tenso
     log-probs -- it may carry a graph to the rewards.
     """
     l3, tokens, keep = prepare(logits, tokens, mask)
-    coef = coef.to(_acc_dtype(l3.dtype)).contiguous()
+    coef = coef.to(accumulation_dtype(l3.dtype)).contiguous()
     logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
                                                bool(with_entropy), backend, bool(check_ids))
     out = value_fn(logp, entropy if with_entropy else None)

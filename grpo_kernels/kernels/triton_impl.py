@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from . import check_token_ids
+from ..reference import accumulation_dtype
 
 Tensor = torch.Tensor
 
@@ -384,15 +385,11 @@ def _check_out(out: Tensor, logits: Tensor) -> None:
         raise ValueError(f"out must have a unit vocabulary stride, got strides {out.stride()}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _row(t: Tensor, name: str, like: Tensor) -> Tensor:
     S, T = like.shape[:2]
     if tuple(t.shape) != (S, T):
         raise ValueError(f"{name} must have shape {(S, T)}, got {tuple(t.shape)}")
-    return t.to(device=like.device, dtype=_acc_dtype(like.dtype)).contiguous()
+    return t.to(device=like.device, dtype=accumulation_dtype(like.dtype)).contiguous()
 
 
 class _on_device:
@@ -447,7 +444,7 @@ def logprobs_fwd(logits: Tensor,  # (S, T, V), stride(-1) == 1
     if check_ids:
         check_token_ids(logits, tokens, mask_u8.bool())
     S, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     logp = torch.empty((S, T), dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
@@ -524,7 +521,7 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     if check_ids:
         check_token_ids(logits, tokens, mask_u8.bool())
     S, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
     else:
