@@ -1,5 +1,6 @@
-"""Inputs and tolerances shared by the kernel test files (``test_triton_kernels.py``, ``test_cpp_kernels.py``),
-which run the same parity matrix against each fused backend.
+"""Inputs and tolerances shared by the kernel test files (``test_kernel_contract.py``, which runs the kernel
+contract against every backend, and the backend-specific ``test_triton_kernels.py``, ``test_cpp_kernels.py``,
+which run the same parity matrix against each fused backend).
 
 Small ragged shapes: S=6, G=3, T=5, V=67 (V is not a power of two nor a multiple of any vector width, so
 every row has a scalar tail).
@@ -64,6 +65,36 @@ def gtol(dtype):
     return dict(rtol=1.6e-2, atol=1e-6)
 
 
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def strided_copy(z, fill=7.0):
+    """The values of ``z (S, T, V)`` in a view with unit vocabulary stride but S and T strides that are not the
+    contiguous ones (T outer, every other T row, two padding columns either side), inside a base tensor filled
+    with ``fill`` (``view._base``: the padding a kernel writing into the view must leave alone)."""
+    s, t, v = z.shape
+    base = torch.full((2 * t, s, v + 5), fill, dtype=z.dtype, device=z.device)
+    view = base.transpose(0, 1)[:, ::2, 2:v + 2]
+    view.copy_(z)
+    assert view.stride(-1) == 1 and not view.is_contiguous() and view._base is base
+    return view
+
+
+def confident_rows_case(device="cpu", dtype=torch.bfloat16):
+    """``(logits, tokens, mask, rewards)`` of shape (4, 8, 1000) in ``dtype`` where every target of sequence 0 has
+    p ≈ 1 (1 − p_y ≈ 5e-5: p_y rounded to bf16 would be exactly 1, and a bf16 ``p_y − 1`` would be lost)."""
+    s, t, v = 4, 8, 1000
+    z64 = torch.randn(s, t, v, dtype=torch.float64) * 2
+    tok = torch.randint(0, v, (s, t))
+    z64[0] *= 0.25
+    z64[0, torch.arange(t), tok[0]] += 17
+    z = z64.to(dtype).to(device)
+    return z, tok.to(device), torch.ones(s, t, device=device), torch.randn(s, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapters: the reference's loss functions called with the old flat keyword dicts
+# ----------------------------------------------------------------------------------------------------------
 def split_loss_kwargs(kw):
     """A flat keyword dict of ``grpo_loss`` (loss options mixed with the per-batch arguments) as
     ``(LossOptions, data)``, the two things :func:`grpo_kernels.reference.loss_from_logprobs`,
