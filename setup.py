@@ -68,7 +68,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "expecttest", "hypothesis"],
+        "trl": ["trl>=1.16,<1.17"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "expecttest", "hypothesis", "trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["grpo-kernels=grpo_kernels.cli:main"]},
     ext_modules=ext_modules,
