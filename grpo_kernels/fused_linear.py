@@ -296,8 +296,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     S, T, H = hidden.shape
     V = weight.shape[0]
     grad_w_dtype = grad_weight_accumulator_dtype(grad_weight_accumulation, weight.dtype, V, H)
-    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, tokens=tokens,
-                       rewards=rewards, mask=mask, **data)
+    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, dtype=hidden.dtype,
+                       tokens=tokens, rewards=rewards, mask=mask, **data)
     impl = _kernels.resolve_backend(backend, hidden.device)
 
     acc = _ref.accumulation_dtype(hidden.dtype)

@@ -98,8 +98,8 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
     """:func:`grpo_loss` once the options are built (``data``: group_size, the per-batch tensors, loss_scale)."""
     _v.check_logits(logits)
     S, T, V = logits.shape
-    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
-                       rewards=rewards, mask=mask, **data)
+    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, dtype=logits.dtype,
+                       tokens=tokens, rewards=rewards, mask=mask, **data)
     impl = _kernels.resolve_backend(backend, logits.device)
     check_ids = _ops.check_ids_in_op()  # the ids were validated above (in eager mode)
     tau = opts.temperature
@@ -142,7 +142,7 @@ def token_logprobs(logits: Tensor,  # (..., V)
     V = logits.shape[-1]
     _v.check_tokens(tokens, lead, V, logits.device)
     _v.check_mask(mask, lead, logits.device)
-    _v.check_positive_number("temperature", temperature)
+    _v.check_temperature(temperature, logits.dtype)
     impl = _kernels.resolve_backend(backend, logits.device)
     # view as (S, T, V) without copying where possible
     if logits.dim() == 2:

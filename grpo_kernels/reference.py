@@ -106,7 +106,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     grouped = r.reshape(-1, group_size)
     centred = grouped - grouped.mean(dim=-1, keepdim=True)
     if scale_rewards == "group":
-        std = grouped.std(dim=-1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
+        std = grouped.std(dim=-1, keepdim=True) if group_size > 1 and grouped.numel() else torch.zeros_like(grouped)
         centred = centred / (std + eps)
     elif scale_rewards == "batch":
         std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
@@ -134,7 +134,7 @@ def compute_grpo_loss(log_probs: Tensor, rewards: Tensor, beta: float = 0.1) -> 
     G = log_probs.shape[-1]
     w = group_weights(rewards.reshape(-1), G, beta).reshape(-1, G)
     lp = log_probs.reshape(-1, G).to(w.dtype)
-    return -(w * lp).sum(-1).mean()
+    return -(w * lp).sum(-1).sum() / max(1, lp.shape[0])  # an empty batch (B = 0) is a zero loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
     valid = m != 0
     zero = torch.zeros((), dtype=acc, device=logp.device)
     logp = torch.where(valid, logp, zero)
-    num_groups = S // group_size
+    num_groups = max(1, S // group_size)  # S = 0 (an empty batch): every sum is 0, so the loss is 0
     n_tok = m.sum()
     denom_all = n_tok.clamp(min=1.0)
 
@@ -204,7 +204,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
         if use_kl:
             per_token = per_token + kl_coef * kl
         if loss_type == "grpo":
-            loss = ((m * per_token).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+            loss = ((m * per_token).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(1, S)
         elif loss_type in ("bnpo", "dapo"):
             denom = denom_all
             if loss_type == "dapo" and num_items_in_batch is not None:
@@ -212,7 +212,7 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
             loss = (m * per_token).sum() / denom
         else:  # dr_grpo
             L = T if o.max_completion_length is None else o.max_completion_length
-            loss = (m * per_token).sum() / (S * L)
+            loss = (m * per_token).sum() / (max(1, S) * L)
         if return_metrics:
             with torch.no_grad():
                 r_full = ratio.expand(S, T)
@@ -327,8 +327,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V)
                 num_items_in_batch=num_items_in_batch, loss_scale=loss_scale)
     _v.check_logits(logits)
     S, T, V = logits.shape
-    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, tokens=tokens,
-                       rewards=rewards, mask=mask, **data)
+    _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, dtype=logits.dtype,
+                       tokens=tokens, rewards=rewards, mask=mask, **data)
     return loss_from_logits(logits, tokens, rewards, mask, opts, return_metrics=return_metrics, **data)
 
 

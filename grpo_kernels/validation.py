@@ -136,6 +136,10 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, shape=None, floati
 
 def check_logits(logits, name: str = "logits", ndim: Optional[int] = 3) -> None:
     check_tensor(name, logits, ndim=ndim, floating=True)
+    if logits.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: the loss checks token ids and "
+                         "rewards and runs kernels; use a real device (torch.compile traces through the ops "
+                         "with its own fake tensors)")
     if logits.dim() == 0:
         raise ValueError(f"{name} must have a vocabulary dimension, got a scalar")
     if logits.shape[-1] < 1:
@@ -163,7 +167,9 @@ def check_tokens(tokens, shape, num_classes: int, device, name: str = "tokens",
         _check_now_or_later(checks, bad.any(), fail)
 
 
-def check_mask(mask, shape, device, name: str = "mask") -> None:
+def check_mask(mask, shape, device, name: str = "mask", checks: Optional[DeviceChecks] = None) -> None:
+    """Bool or real ``shape`` on ``device``; a floating mask must be finite (the content check is deferred to
+    ``checks`` when given, else run at once)."""
     if mask is None:
         return
     check_tensor(name, mask, device=device)
@@ -171,6 +177,21 @@ def check_mask(mask, shape, device, name: str = "mask") -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or real-valued, got {mask.dtype}")
+    if mask.is_floating_point() and mask.numel() and not _is_compiling():
+        def fail():
+            raise ValueError(f"{name} must be finite (0/1 weights); got NaN or inf in {name}")
+
+        _check_now_or_later(checks, ~torch.isfinite(mask.detach()).all(), fail)
+
+
+def check_temperature(temperature, dtype: torch.dtype) -> None:
+    """τ > 0 and finite, and ``1/τ`` representable in the accumulation dtype of ``dtype`` logits (a τ of 1e-40
+    with fp32 logits would turn every logit into ±inf)."""
+    check_positive_number("temperature", temperature)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if not math.isfinite(1.0 / temperature) or 1.0 / temperature > torch.finfo(acc).max:
+        raise ValueError(f"temperature={temperature!r} is too small for {dtype} logits: 1/temperature overflows "
+                         f"{acc} (the logits are divided by it)")
 
 
 def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optional[DeviceChecks] = None) -> None:
@@ -191,14 +212,17 @@ def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optiona
         _check_now_or_later(checks, ~torch.isfinite(t.detach()).all(), fail)
 
 
-def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int, num_classes: int, device,
+def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int, num_classes: int, device, dtype,
                     tokens, rewards, mask, group_size, old_logprobs, ref_logprobs, advantages, num_items_in_batch,
                     loss_scale=1.0) -> None:
     """Validate the options and everything ``grpo_loss`` takes except the logits themselves (``check_logits``).
 
-    ``num_sequences``/``seq_len``/``num_classes`` are S, T, V taken from the logits (or hidden/weight).
+    ``num_sequences``/``seq_len``/``num_classes`` are S, T, V and ``dtype`` the dtype of the logits (or of
+    hidden/weight). The content checks (token ids, finite rewards/advantages/mask, finite old/reference
+    log-probs at the positions that count) cost one device-to-host transfer in all.
     """
     options.validate()
+    check_temperature(options.temperature, dtype)
     loss_type = options.loss_type
     check_int("group_size", group_size, minimum=1)
     if num_sequences % group_size != 0:
@@ -221,7 +245,7 @@ def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int,
     shape = (num_sequences, seq_len)
     checks = DeviceChecks()  # the content checks of tokens, rewards and advantages: one host sync in all
     check_tokens(tokens, shape, num_classes, device, checks=checks)
-    check_mask(mask, shape, device)
+    check_mask(mask, shape, device, checks=checks)
     if advantages is not None:
         if loss_type == "softmax":
             raise ValueError("advantages= is only used by the clipped loss types (grpo, bnpo, dr_grpo, dapo); "
@@ -237,4 +261,16 @@ def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int,
         check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         check_tensor(name, t, shape=shape, floating=True, device=device, allow_none=True)
+        if t is not None and t.numel() and not _is_compiling():
+            counts = tokens != IGNORE_INDEX
+            if mask is not None:
+                counts = counts & (mask != 0)
+
+            def fail(name=name, t=t, counts=counts):
+                bad = counts & ~torch.isfinite(t.detach())
+                s, p = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"{name} must be finite at the positions that count (unmasked, token != "
+                                 f"{IGNORE_INDEX}); found {t[s, p].item()} at [{s}, {p}]")
+
+            checks.add((counts & ~torch.isfinite(t.detach())).any(), fail)
     checks.run()

@@ -191,10 +191,14 @@ def test_content_checks_cost_one_host_transfer(monkeypatch):
     monkeypatch.setattr(val, "_flags_to_host", lambda flags: calls.append(len(flags)) or real(flags))
     z, tok, m, r = _inputs()
     L.grpo_loss(z, tok, r, m, group_size=G, loss_type="grpo", advantages=r.clone(), backend="torch")
-    assert calls == [3]  # token range, finite advantages, finite rewards: one transfer
+    assert calls == [4]  # token range, finite mask, finite advantages, finite rewards: one transfer
     calls.clear()
     L.grpo_loss(z, tok, r, m, group_size=G, backend="torch")
-    assert calls == [2]
+    assert calls == [3]
+    calls.clear()
+    lp = torch.zeros(S, T)
+    L.grpo_loss(z, tok, r, m, group_size=G, loss_type="grpo", old_logprobs=lp, ref_logprobs=lp, kl_coef=0.1)
+    assert calls == [5]  # + finite old and reference log-probs where they count
     # errors still name the argument; with several bad arguments, the first in argument order
     bad_tok, bad_r = tok.clone(), r.clone()
     bad_tok[1, 1] = V

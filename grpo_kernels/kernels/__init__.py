@@ -142,3 +142,33 @@ def check_token_ids(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
     if bool(bad.any()):
         raise ValueError(f"tokens must hold ids in [0, {V}) or -100 on unmasked positions; "
                          f"found {tokens[bad][0].item()}")
+
+
+def rows_overlap(t: torch.Tensor) -> bool:
+    """Whether two ``(s, t)`` rows of an ``(S, T, V)`` tensor with a unit vocabulary stride share memory (an
+    expanded or overlapping strided view): writing a gradient into such a tensor would race or be wrong."""
+    extent = t.shape[-1]
+    if extent == 0:
+        return False
+    for stride, size in sorted((t.stride(i), t.shape[i]) for i in (0, 1) if t.shape[i] > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def check_out(out: torch.Tensor, logits: torch.Tensor) -> None:
+    """The ``out=`` of ``logprobs_bwd`` / ``logprobs_fwd_grad``: the logits' shape, dtype and device, a unit
+    vocabulary stride, rows that do not overlap, and either the logits themselves or memory of its own."""
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype \
+            or out.device != logits.device:
+        raise ValueError(f"out must have the logits' shape {tuple(logits.shape)}, dtype {logits.dtype} and device "
+                         f"{logits.device}; got {getattr(out, 'shape', type(out))}")
+    if logits.shape[-1] > 0 and out.stride(-1) != 1:
+        raise ValueError(f"out must have a unit vocabulary stride, got strides {out.stride()}")
+    if rows_overlap(out):
+        raise ValueError(f"out rows must not overlap (an expanded or overlapping view), got strides {out.stride()}")
+    same = out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+    if not same and out.numel() and logits.numel() and \
+            out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        raise ValueError("out may be the logits tensor itself or a separate tensor, not another view of the logits")

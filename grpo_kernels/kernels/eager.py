@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference as _ref
-from . import check_token_ids
+from . import check_out, check_token_ids
 
 Tensor = torch.Tensor
 
@@ -85,6 +85,8 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
                  check_ids: bool = True) -> Tensor:
     if check_ids:
         check_token_ids(logits, tokens, mask)
+    if out is not None:
+        check_out(out, logits)
     S, T, V = logits.shape
     z, y = _rows(logits, tokens, mask)
     res = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device) if out is None else out

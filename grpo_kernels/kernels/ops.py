@@ -29,7 +29,7 @@ import torch
 
 from .. import validation as _v
 from ..reference import accumulation_dtype
-from . import kernel_module
+from . import kernel_module, rows_overlap
 
 Tensor = torch.Tensor
 
@@ -108,7 +108,14 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace = inplace
 
 
+_NO_DOUBLE_BACKWARD = ("grpo_kernels: second derivatives (create_graph=True) are not supported by the fused backends "
+                       "(their logits gradient is computed by a kernel); use grpo_kernels.reference.grpo_loss, the "
+                       "autograd reference, for double backward")
+
+
 def _backward(ctx, grad_logp, grad_lse, grad_entropy):
+    if torch.is_grad_enabled():
+        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
     logits, tokens, mask, lse, entropy = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None, None, None
@@ -151,9 +158,10 @@ def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor],
     buffer). The logits' values are destroyed by the backward; autograd's version counter makes any other
     user of those logits fail loudly rather than silently read the gradient.
     """
-    if inplace_backward and logits.stride(-1) != 1:
-        raise ValueError("inplace_backward=True needs logits with a unit vocabulary stride (it writes the "
-                         "gradient into their storage); pass contiguous logits or inplace_backward=False")
+    if inplace_backward and (logits.stride(-1) != 1 or rows_overlap(logits)):
+        raise ValueError("inplace_backward=True needs logits with a unit vocabulary stride whose rows do not overlap "
+                         f"(it writes the gradient into their storage), got strides {logits.stride()}; pass "
+                         "contiguous logits or inplace_backward=False")
     logits, tokens, keep = prepare(logits, tokens, mask)
     logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend,
                                     bool(inplace_backward), bool(check_ids))
@@ -185,27 +193,32 @@ def supports_one_pass(backend: str) -> bool:
 
 
 def scale_saved_gradients(ctx, grads, grad_out: Tensor):
-    """Gradients computed in a forward, scaled in place by the incoming ``grad_out`` (one 0-dim tensor).
+    """Gradients computed in a forward, times the incoming ``grad_out`` (one 0-dim tensor).
 
-    Scaling in place keeps the memory at one buffer (gradient accumulation passes ``grad_out = 1/k``). The
-    scale already applied is remembered, so a second backward through a retained graph rescales instead of
-    compounding; ``.data`` is used so the in-place update of a saved tensor is not flagged by autograd.
+    The first backward scales the saved buffers in place (``.data``, so autograd does not flag the update of a
+    saved tensor) and hands them out: one buffer in all, no copy (gradient accumulation passes
+    ``grad_out = 1/k``, or better ``loss_scale=1/k`` and then nothing is scaled). A buffer once handed out is
+    never modified again -- the caller may hold it (``g1 = torch.autograd.grad(loss, x, retain_graph=True)``) --
+    so a later backward through a retained graph returns a new tensor, rescaled from the scale the buffer holds.
+    Raises NotImplementedError under ``create_graph=True``: this gradient is a constant of the forward, not a
+    function autograd could differentiate again.
     """
-    want = grad_out.detach().to(torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads)
-                                else torch.float32)
-    have = getattr(ctx, "applied_scale", None)
-    if have is None:
-        factor = want
-    else:
+    if torch.is_grad_enabled():
+        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
+    dt = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads) else torch.float32
+    want = grad_out.detach().to(dt)
+    if getattr(ctx, "handed_out", False):  # buffers hold `have`·gradient and belong to an earlier caller
+        have = ctx.applied_scale
         if bool(have.eq(0)):
-            raise RuntimeError("grpo_kernels: a retained graph was backpropagated with a zero grad_output, which "
-                               "erased its precomputed gradient; recompute the loss for another backward.")
+            return tuple(None if g is None else torch.zeros_like(g) * want for g in grads)
         factor = want / have
-    if not bool(factor.eq(1)):
+        return tuple(None if g is None else g * factor.to(g.dtype) for g in grads)
+    if not bool(want.eq(1)):
         for g in grads:
             if g is not None:
-                g.data.mul_(factor)
+                g.data.mul_(want)
     ctx.applied_scale = want
+    ctx.handed_out = True
     return grads
 
 

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_token_ids
+from . import check_out, check_token_ids
 from ..reference import accumulation_dtype
 
 Tensor = torch.Tensor
@@ -376,15 +376,6 @@ def _check_inputs(logits: Tensor, tokens: Tensor, mask: Tensor, temperature) -> 
     return tokens, mask, 1.0 / float(temperature)
 
 
-def _check_out(out: Tensor, logits: Tensor) -> None:
-    if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype \
-            or out.device != logits.device:
-        raise ValueError(f"out must have the logits' shape {tuple(logits.shape)}, dtype {logits.dtype} and device "
-                         f"{logits.device}; got {getattr(out, 'shape', type(out))}")
-    if logits.shape[-1] > 0 and out.stride(-1) != 1:
-        raise ValueError(f"out must have a unit vocabulary stride, got strides {out.stride()}")
-
-
 def _row(t: Tensor, name: str, like: Tensor) -> Tensor:
     S, T = like.shape[:2]
     if tuple(t.shape) != (S, T):
@@ -482,7 +473,7 @@ def logprobs_bwd(grad_logp: Tensor,  # (S, T)
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
     else:
-        _check_out(out, logits)
+        check_out(out, logits)
     grad_logp = _row(grad_logp, "grad_logp", logits)
     lse = _row(lse, "lse", logits)
     has_ge = grad_entropy is not None
@@ -525,7 +516,7 @@ def logprobs_fwd_grad(logits: Tensor,  # (S, T, V)
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
     else:
-        _check_out(out, logits)
+        check_out(out, logits)
     coef = _row(coef, "coef", logits)
     logp = torch.empty((S, T), dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
