@@ -63,10 +63,12 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
             ``num_tokens``.
         backend: ``"auto"`` (fastest available for the logits' device), ``"torch"`` (eager PyTorch),
             ``"triton"``, ``"cuda"`` or ``"cpu"``.
-        inplace_backward: the backward writes the gradient into the logits' own storage instead of a new
-            ``[S, T, V]`` buffer. The logits' values are gone after ``backward()``; do not use them afterwards.
-            Any other autograd node that saved the same logits raises autograd's "modified by an inplace
-            operation" error instead of reading the gradient.
+        inplace_backward: the gradient is written into the logits' own storage instead of a new ``[S, T, V]``
+            buffer: by the one-pass kernel during the forward when ``∂loss/∂ℓ`` is known up front (the logits'
+            values are then gone right after this call), else by the backward (gone after ``backward()``). Do
+            not use the logits afterwards. Any other autograd node that saved the same logits raises autograd's
+            "modified by an inplace operation" error instead of reading the gradient. Needs logits with a unit
+            vocabulary stride and rows that do not overlap.
         **options: the loss options, each a field of :class:`~grpo_kernels.options.LossOptions`:
 
         {loss_options}
@@ -104,8 +106,7 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
     check_ids = _ops.check_ids_in_op()  # the ids were validated above (in eager mode)
     tau = opts.temperature
     m = _ref.effective_mask(tokens, mask, _ref.accumulation_dtype(logits.dtype))
-    if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and not _v._is_compiling()
-            and _ops.supports_one_pass(impl)
+    if (logits.requires_grad and torch.is_grad_enabled() and not _v._is_compiling() and _ops.supports_one_pass(impl)
             and _ref.coefficients_are_constant(opts, old_logprobs=data["old_logprobs"],
                                                ref_logprobs=data["ref_logprobs"])):
         # One pass: ∂loss/∂ℓ is known before the forward, so the kernel writes the gradient while it reads.
@@ -116,7 +117,7 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
                                            **data)
 
         return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, tau, return_metrics, impl,
-                                  check_ids=check_ids)
+                                  check_ids=check_ids, inplace=inplace_backward)
     logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, tau, return_metrics, impl,
                                           inplace_backward=inplace_backward, check_ids=check_ids)
     m = _ref.effective_mask(tokens, mask, logp.dtype)

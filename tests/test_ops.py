@@ -292,3 +292,26 @@ def test_loss_scale_is_validated(value, exc):
         gk.grpo_loss(z, tok, r, m, group_size=G, loss_scale=value)
     with pytest.raises(exc, match="loss_scale"):
         ref.grpo_loss(z, tok, r, m, group_size=G, loss_scale=value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_one_pass_in_place_writes_the_gradient_into_the_logits(backend):
+    """inplace_backward=True with a loss linear in ℓ: the one-pass kernel writes ∂loss/∂logits over the logits
+    during the forward (no [S, T, V] buffer); the gradient handed to autograd is that storage, it equals the
+    oracle's, and another node that saved the logits fails loudly instead of reading the gradient."""
+    z, tok, m, r = _inputs()
+    x = z.clone().requires_grad_(True)
+    y = x * 1.0  # non-leaf logits, as an LM head produces them
+    loss = L.grpo_loss(y, tok, r, m, group_size=G, backend=backend, inplace_backward=True)
+    assert not torch.equal(y.detach(), z)  # overwritten in the forward
+    (g,) = torch.autograd.grad(loss, y)
+    assert g.data_ptr() == y.data_ptr()
+    z2 = z.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(ref.grpo_loss(z2, tok, r, m, group_size=G), z2)
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
+    x = z.clone().requires_grad_(True)
+    y = x * 1.0
+    other = (y * y).sum()  # saves y
+    loss = L.grpo_loss(y, tok, r, m, group_size=G, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()

@@ -149,6 +149,13 @@ def prepare(logits: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> Tuple[Ten
     return logits, tokens.to(torch.int64).contiguous(), keep.contiguous()
 
 
+def _check_inplace(logits: Tensor) -> None:
+    if logits.stride(-1) != 1 or rows_overlap(logits):
+        raise ValueError("inplace_backward=True needs logits with a unit vocabulary stride whose rows do not overlap "
+                         f"(it writes the gradient into their storage), got strides {logits.stride()}; pass "
+                         "contiguous logits or inplace_backward=False")
+
+
 def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor], temperature: float,
                          with_entropy: bool, backend: str, inplace_backward: bool = False, *,
                          check_ids: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
@@ -158,10 +165,8 @@ def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor],
     buffer). The logits' values are destroyed by the backward; autograd's version counter makes any other
     user of those logits fail loudly rather than silently read the gradient.
     """
-    if inplace_backward and (logits.stride(-1) != 1 or rows_overlap(logits)):
-        raise ValueError("inplace_backward=True needs logits with a unit vocabulary stride whose rows do not overlap "
-                         f"(it writes the gradient into their storage), got strides {logits.stride()}; pass "
-                         "contiguous logits or inplace_backward=False")
+    if inplace_backward:
+        _check_inplace(logits)
     logits, tokens, keep = prepare(logits, tokens, mask)
     logp, _, entropy = logprobs_fwd(logits, tokens, keep, float(temperature), bool(with_entropy), backend,
                                     bool(inplace_backward), bool(check_ids))
@@ -243,19 +248,47 @@ class _AttachGradient(torch.autograd.Function):
         return grad, grad_out, None
 
 
+@torch.library.custom_op("grpo_kernels::logprobs_fwd_grad_inplace", mutates_args=("logits",))
+def logprobs_fwd_grad_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
+                              with_entropy: bool, backend: str, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`logprobs_fwd_grad` writing the gradient over the logits (each row is read before it is
+    overwritten); returns ``(logp, lse, entropy)``. Declared as mutating ``logits``: their version counter moves,
+    so any other autograd node that saved them fails loudly instead of reading the gradient."""
+    logp, lse, ent, _ = kernel_fwd_grad(backend, logits, tokens, mask, coef, temperature, with_entropy, out=logits,
+                                        check_ids=check_ids)
+    return logp, lse, ent
+
+
+@logprobs_fwd_grad_inplace.register_fake
+def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True):
+    S, T, _ = logits.shape
+    dt = accumulation_dtype(logits.dtype)
+    return tuple(logits.new_empty((S, T), dtype=dt) for _ in range(3))
+
+
 def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tensor], coef: Tensor,
-                  temperature: float, with_entropy: bool, backend: str, *, check_ids: bool = True):
+                  temperature: float, with_entropy: bool, backend: str, *, check_ids: bool = True,
+                  inplace: bool = False):
     """Run the one-pass kernel and return ``value_fn(logp, entropy)`` whose backward delivers the precomputed
     logits gradient (scaled by the incoming gradient).
 
     ``coef (S, T)`` must be ``∂loss/∂ℓ`` and independent of ``ℓ`` (the caller checks the loss is linear in
     the log-probs); ``value_fn(logp, entropy)`` computes the loss (or ``(loss, metrics)``) from detached
-    log-probs -- it may carry a graph to the rewards.
+    log-probs -- it may carry a graph to the rewards. ``inplace=True`` writes the gradient into the logits' own
+    storage during this forward (``inplace_backward=True`` of the public functions: no ``[S, T, V]`` buffer, and
+    the second read of each row is the cache-hot one before its write); the logits' values are gone afterwards.
     """
+    if inplace:
+        _check_inplace(logits)
     l3, tokens, keep = prepare(logits, tokens, mask)
     coef = coef.to(accumulation_dtype(l3.dtype)).contiguous()
-    logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
-                                               bool(with_entropy), backend, bool(check_ids))
+    if inplace:
+        grad = l3.detach()  # shares the storage and the version counter of the logits
+        logp, _, entropy = logprobs_fwd_grad_inplace(grad, tokens, keep, coef, float(temperature),
+                                                     bool(with_entropy), backend, bool(check_ids))
+    else:
+        logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
+                                                   bool(with_entropy), backend, bool(check_ids))
     out = value_fn(logp, entropy if with_entropy else None)
     loss, metrics = out if isinstance(out, tuple) else (out, None)
     loss = _AttachGradient.apply(logits, loss, grad)
