@@ -1,6 +1,6 @@
 // AVX2+FMA build of the CPU row kernels. The target is switched for this translation unit only (GCC pragma),
-// so the build host's CPU is never probed; cpu_ops.cpp calls these kernels only when ATen reports that the
-// running CPU supports AVX2 (at::native::get_cpu_capability(), which also honours ATEN_CPU_CAPABILITY).
+// so the build host's CPU is never probed; cpu_ops.cpp calls these kernels only when the running CPU supports
+// AVX2, FMA, F16C and BMI2 (__builtin_cpu_supports at run time), capped by ATEN_CPU_CAPABILITY when it is set.
 #include "grpo_kernels.h"
 #if defined(GRPO_HAVE_AVX2)
 #pragma GCC push_options

@@ -1,6 +1,7 @@
 // Argument checks shared by the CPU and CUDA implementations of the grpo_kernels_C ops. They raise
 // ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the argument, before any kernel runs.
 #pragma once
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -62,11 +63,23 @@ inline void check_out(const at::Tensor& out, const at::Tensor& logits) {
                     ", got ", out.device());
   TORCH_CHECK_VALUE(out.stride(2) == 1 || out.size(2) == 1, "out must have a unit vocabulary stride, got strides ",
                     out.strides());
-  // Rows of out must not overlap each other (a broadcast/expanded out would race).
-  TORCH_CHECK_VALUE(out.size(0) * out.size(1) <= 1 ||
-                        (out.stride(1) >= out.size(2) || out.size(1) == 1) &&
-                            (out.stride(0) >= out.size(2) || out.size(0) == 1),
-                    "out rows must not overlap, got strides ", out.strides());
+  // Rows of out must not overlap each other (a broadcast/expanded out would race): with the row dimensions of
+  // size > 1 ordered by stride, each stride must reach past everything the smaller ones span (a row spans V).
+  {
+    int64_t extent = out.size(2);
+    int64_t st[2] = {out.stride(0), out.stride(1)}, sz[2] = {out.size(0), out.size(1)};
+    if (st[0] > st[1]) {
+      std::swap(st[0], st[1]);
+      std::swap(sz[0], sz[1]);
+    }
+    bool overlap = false;
+    for (int i = 0; i < 2 && extent > 0; ++i) {
+      if (sz[i] <= 1) continue;
+      if (st[i] < extent) overlap = true;
+      extent = st[i] * sz[i];
+    }
+    TORCH_CHECK_VALUE(!overlap, "out rows must not overlap, got strides ", out.strides());
+  }
   // out either is the logits (same storage offset and strides: row r of out is row r of logits, read before
   // it is written) or must not share memory with them.
   if (out.data_ptr() != logits.data_ptr() || out.strides() != logits.strides()) {

@@ -77,7 +77,7 @@ def test_inplace_backward_refuses_overlapping_logits(backend):
         gk.grpo_loss(expanded, tok, r, group_size=G, backend=backend, inplace_backward=True)
 
 
-@pytest.mark.parametrize("module", ["eager", "triton_impl"])
+@pytest.mark.parametrize("module", ["eager", "triton_impl", "native"])
 def test_kernel_out_refuses_overlapping_rows(module, request):
     if module == "triton_impl":
         request.getfixturevalue("triton_interpret")
@@ -87,11 +87,12 @@ def test_kernel_out_refuses_overlapping_rows(module, request):
     z, tok, r = _inputs()
     keep = torch.ones(S, T, dtype=torch.bool)
     lp, lse, ent = mod.logprobs_fwd(z, tok, keep, 1.0, False)
-    out = torch.empty(1, T, V).expand(S, T, V)
-    with pytest.raises(ValueError, match="out rows must not overlap"):
-        mod.logprobs_bwd(torch.ones(S, T), None, z, tok, keep, lse, ent, 1.0, out=out)
-    with pytest.raises(ValueError, match="out rows must not overlap"):
-        mod.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, out=out)
+    # an expanded view, and strides that each clear a row but not each other (s and t rows coincide)
+    for out in (torch.empty(1, T, V).expand(S, T, V), torch.empty(S * T, V).as_strided((S, T, V), (V, V, 1))):
+        with pytest.raises(ValueError, match="out rows must not overlap"):
+            mod.logprobs_bwd(torch.ones(S, T), None, z, tok, keep, lse, ent, 1.0, out=out)
+        with pytest.raises(ValueError, match="out rows must not overlap"):
+            mod.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, out=out)
     view = z.view(-1)[V:].view(S * T - 1, V)  # another view of the logits' storage
     with pytest.raises(ValueError, match="not another view of the logits"):
         mod.logprobs_bwd(torch.ones(S, T - 1), None, z[:, :T - 1], tok[:, :T - 1], keep[:, :T - 1],
