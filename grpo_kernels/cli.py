@@ -73,11 +73,14 @@ def run(args) -> int:  # for "info"
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="grpo-kernels", description="Fused GRPO loss kernels and a lean GRPO trainer.")
+    # allow_abbrev=False everywhere: no prefix matching of long options (``train --lr 1e-3`` must not be taken as
+    # ``--lr-scheduler 1e-3``); an unknown option is an error naming it
+    parser = argparse.ArgumentParser(prog="grpo-kernels", allow_abbrev=False,
+                                     description="Fused GRPO loss kernels and a lean GRPO trainer.")
     parser.add_argument("--version", action="version", version=f"grpo-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         try:
             mod = importlib.import_module(module)
         except ImportError as e:  # a subcommand whose dependencies are missing still shows up in --help

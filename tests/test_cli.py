@@ -44,3 +44,21 @@ def test_import_has_no_heavy_side_effects():
             "any(m.startswith('grpo_kernels._C') or m == 'grpo_kernels.kernels.native' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_long_options_are_not_abbreviated(capsys):
+    """No argparse prefix matching: `--lr` is not `--lr-scheduler` (nor `--learning-rate`), it is an error."""
+    for argv in (["train", "--lr", "1e-3"], ["train", "--lr-sched", "linear"], ["train", "--learning", "1"],
+                 ["--vers"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--print-config"])
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {argv[-2] if argv[0] == 'train' else argv[0]}" in capsys.readouterr().err
+    assert main(["train", "--lr-scheduler", "linear", "--learning-rate", "1e-3", "--bf16", "--plot", "no",
+                 "--max-steps", "1e2", "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    got = (d["lr_scheduler"], d["learning_rate"], d["bf16"], d["plot"], d["max_steps"])
+    assert got == ("linear", 1e-3, True, False, 100)
+    with pytest.raises(SystemExit):
+        main(["train", "--max-steps", "2.5", "--print-config"])
+    assert "argument --max-steps: expected an integer, got '2.5'" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Reward registry, rule rewards, the demo's digit_copy reward, a local reward model and weighted combination."""
 
+import re
+
 import pytest
 import torch
 
@@ -87,3 +89,30 @@ def test_reward_model_from_local_path(tmp_path):
     assert set(per) == {"reward_model", "digit_copy"}
     with pytest.raises(ValueError, match="not a local directory"):
         R.RewardModel(str(tmp_path / "nope"))
+
+
+def test_bad_return_values_name_the_function_and_what_it_returned():
+    import numpy as np
+
+    def of(value):
+        def my_reward(prompts, completions, **_):
+            return value() if callable(value) else value
+
+        return my_reward
+
+    cases = [(None, "it returned None"), (lambda: (1.0 for _ in range(2)), "it returned a generator"),
+             ("1.0", "it returned a str '1.0'"), ([[1.0], [0.0]], "score 0 is a list [1.0]"),
+             ({"a": 1.0, "b": 0.0}, "it returned a dict"), ([1.0, "0.5"], "score 1 is a str '0.5'"),
+             ([1.0, float("nan")], "score 1 is nan (scores must be finite)"), ([1.0], "it returned 1 scores for 2"),
+             (torch.ones(2, 1), "it returned a 2-D Tensor of shape (2, 1)"), (7.0, "it returned a float 7.0")]
+    for value, what in cases:
+        with pytest.raises(R.RewardFunctionError, match=r"reward function 'my_reward' \(defined at .*test_rewards.py:"
+                                                        r"\d+\) must return a list of 2 scores .*; " + re.escape(what)):
+            R.CombinedReward([of(value)])(["a", "b"], ["x", "y"])
+    assert issubclass(R.RewardFunctionError, TypeError) and issubclass(R.RewardFunctionError, ValueError)
+    for ok in ((1.0, 2.0), np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), [np.float32(1.0), 2],
+               [True, torch.tensor(2.0)]):
+        total, _ = R.CombinedReward([of(ok)])(["a", "b"], ["x", "y"])
+        assert total.tolist() == [1.0, 2.0]
+    total, _ = R.CombinedReward([of([None, 2.0])])(["a", "b"], ["x", "y"])
+    assert total.tolist() == [0.0, 2.0]

@@ -1,29 +1,64 @@
-"""Checkpoints of :class:`~grpo_kernels.trainer.GRPOTrainer`: save, find the newest, restore exactly.
+"""Checkpoints of :class:`~grpo_kernels.trainer.GRPOTrainer`: save atomically, find the newest complete one,
+restore exactly; and the lock that keeps two runs out of one ``output_dir``.
 
 A checkpoint directory ``output_dir/checkpoint-<step>/`` holds:
 
 * ``model.safetensors`` (+ ``config.json``, and the tokenizer files when the trainer has a tokenizer), rank 0;
 * ``trainer_state.pt``: optimizer, LR scheduler, step, metric history, ``target_reached``, the config and the
   world size (rank 0);
-* ``rng_state_<rank>.pt``: every rank's Python / torch / CUDA / numpy RNG state.
+* ``rng_state_<rank>.pt``: every rank's Python / torch / CUDA / numpy RNG state;
+* ``checkpoint_complete.json``, written last: the step, the world size and the size of every other file.
 
-Resuming needs the same world size: the data order (:meth:`GRPOTrainer.batch_indices`) depends on it.
-:class:`CheckpointMixin` reads the trainer's ``config``, ``step``, ``history``, ``target_reached``, ``optimizer``,
-``scheduler``, ``unwrapped``, ``tokenizer``, ``device``, ``rank``, ``world_size`` and ``is_main``.
+Atomic saves: every file is written into a temporary sibling directory ``output_dir/.tmp-checkpoint-<step>``
+(rank 0 the model and state, every rank its RNG file), each file is fsynced, all ranks meet at a barrier, and
+rank 0 writes the completion marker and renames the directory to ``checkpoint-<step>`` (then fsyncs
+``output_dir``). A crash at any moment leaves either the previous checkpoints only (and a ``.tmp-*`` directory,
+which nothing reads and the next run removes) or a complete new one. :func:`checkpoint_problem` checks a
+checkpoint against its marker (a missing, truncated or extended file is caught; contents are not hashed), and
+:meth:`CheckpointMixin.latest_checkpoint` returns the newest checkpoint that passes, warning about each newer
+one it skips.
+
+Resuming needs the same world size: the data order (:meth:`GRPOTrainer.batch_indices`) depends on it; and the
+fields of :data:`RESUME_MUST_MATCH` must equal the checkpoint's (the others may differ, with a warning, except
+:data:`RESUME_IGNORED`). :class:`CheckpointMixin` reads the trainer's ``config``, ``step``, ``history``,
+``target_reached``, ``optimizer``, ``scheduler``, ``unwrapped``, ``tokenizer``, ``device``, ``rank``,
+``world_size`` and ``is_main``.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import re
-from typing import Any, Dict, Optional
+import shutil
+import socket
+import sys
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..options import LossOptions
+
 STATE_FILE = "trainer_state.pt"
+MODEL_FILE = "model.safetensors"
+COMPLETE_FILE = "checkpoint_complete.json"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"  # temporary directories of saves in progress (ignored by every reader)
+
+#: Config fields that must equal the checkpoint's to resume: they decide the data order, the sampled batch and
+#: the loss, so a run resumed with other values would not continue the checkpoint's run.
+RESUME_MUST_MATCH: Tuple[str, ...] = ("seed", "shuffle", "per_device_batch_size", "num_generations",
+                                      "num_iterations") + tuple(LossOptions.names())
+#: Config fields that may differ on resume without a word (where the run writes, how long it runs, what it logs).
+RESUME_IGNORED: Tuple[str, ...] = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps",
+                                   "progress_bar", "logging_steps", "plot", "save_steps", "save_final",
+                                   "target_reward", "stop_at_target")
+#: What a run writes into output_dir (``overwrite_output_dir`` removes these and nothing else).
+RUN_ARTIFACTS = ("metrics.jsonl", "config.json", "reward_curve.png", "final")
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -49,6 +84,231 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
         np.random.set_state(rng["numpy"])
 
 
+# --------------------------------------------------------------------------- durable files
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename / new entry in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _files(root: str) -> Dict[str, int]:
+    """``{relative path: size}`` of every file under ``root``."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root).replace(os.sep, "/")] = os.path.getsize(p)
+    return out
+
+
+def _tmp_sibling(path: str) -> str:
+    path = os.path.normpath(path)
+    return os.path.join(os.path.dirname(path), TMP_PREFIX + os.path.basename(path))
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename the finished ``tmp`` directory to ``final``, replacing an existing ``final`` (moved aside first,
+    then removed: a crash in between leaves ``final`` absent, never torn), and make the rename durable."""
+    _fsync_dir(tmp)
+    old = None
+    if os.path.lexists(final):
+        old = _tmp_sibling(final) + ".old"
+        if os.path.lexists(old):
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint (``None`` when it is): no completion marker (the save did not
+    finish), an unreadable marker, or a file that is missing or has another size than the marker records."""
+    marker = os.path.join(path, COMPLETE_FILE)
+    if not os.path.isfile(marker):
+        return f"no {COMPLETE_FILE} (its save did not finish)"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+        files = info["files"]
+        world = int(info.get("world_size", 1))
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except Exception as e:  # noqa: BLE001 - any damage to the marker means: not complete
+        return f"unreadable {COMPLETE_FILE} ({_first_line(e)})"
+    for name in (MODEL_FILE, STATE_FILE) + tuple(f"rng_state_{r}.pt" for r in range(world)):
+        if name not in files:
+            return f"{COMPLETE_FILE} does not list {name}"
+    for rel, size in sorted(files.items()):
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            return f"{rel} is missing"
+        got = os.path.getsize(p)
+        if got != size:
+            return f"{rel} has {got} bytes, {size} were written"
+    return None
+
+
+def find_checkpoints(directory: str) -> List[Tuple[int, str]]:
+    """``[(step, path)]`` of the ``checkpoint-<step>`` directories of ``directory``, newest first (complete
+    or not; ``.tmp-*`` directories of unfinished saves are not listed)."""
+    found = []
+    for d in glob.glob(os.path.join(glob.escape(directory), "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d):
+            found.append((int(m.group(1)), d))
+    return sorted(found, reverse=True)
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """``(must-match differences, other differences)`` between a checkpoint's config and this run's, each as
+    ``"name: <checkpoint's> -> <this run's>"``; :data:`RESUME_IGNORED` fields and keys missing on either side
+    (configs of other versions) are left out."""
+    errors, others = [], []
+    for k in current:
+        if k in RESUME_IGNORED or k not in saved or saved[k] == current[k]:
+            continue
+        (errors if k in RESUME_MUST_MATCH else others).append(f"{k}: {saved[k]!r} -> {current[k]!r}")
+    return errors, others
+
+
+# --------------------------------------------------------------------------- the output-directory lock
+_HELD_LOCKS: set = set()  # lock files held by this process (a lock naming our own pid but not here is stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:  # pragma: no cover - platforms without signal 0
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is not running
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class OutputDirLock:
+    """``<output_dir>/.lock``, created with ``O_CREAT | O_EXCL`` and holding ``<pid>\\n<hostname>\\n`` of the run.
+
+    :meth:`acquire` raises ``ValueError`` naming the holder when another live process holds it; a lock whose
+    process is gone (same host, pid not running, e.g. after ``kill -9``) is stale and taken over with a note on
+    stderr. A lock from another host cannot be checked and counts as held (the message says which file to
+    remove). :meth:`release` removes the file if it is still ours.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.abspath(os.path.join(directory, LOCK_FILE))
+        self.held = False
+
+    def _holder(self) -> Optional[Tuple[int, str]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().split()
+            return int(lines[0]), (lines[1] if len(lines) > 1 else socket.gethostname())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def acquire(self) -> "OutputDirLock":
+        import time
+
+        host = socket.gethostname()
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    try:
+                        age = time.time() - os.path.getmtime(self.path)
+                    except OSError:
+                        continue  # just released
+                    if age < 5:  # being written by a process that just created it
+                        raise ValueError(f"output_dir {self.directory!r} is being locked by another run "
+                                         f"({self.path} was just created)") from None
+                    print(f"note: removing the unreadable lock file {self.path}", file=sys.stderr)
+                else:
+                    pid, their_host = holder
+                    ours = pid == os.getpid() and their_host == host
+                    if their_host != host:
+                        raise ValueError(f"output_dir {self.directory!r} is locked by process {pid} on host "
+                                         f"{their_host!r} ({self.path}); if that run is gone, delete the lock file")
+                    if (ours and self.path in _HELD_LOCKS) or (not ours and _pid_alive(pid)):
+                        who = "this process (another trainer in it)" if ours else f"process {pid}"
+                        raise ValueError(f"output_dir {self.directory!r} is in use by another run: {who} holds "
+                                         f"{self.path}; wait for it to finish or choose another output_dir")
+                    print(f"note: taking over the stale lock {self.path} of process {pid}, which is no longer "
+                          f"running", file=sys.stderr)
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n{host}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            _HELD_LOCKS.add(self.path)
+            return self
+        raise ValueError(f"could not lock output_dir {self.directory!r} ({self.path} keeps changing)")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        _HELD_LOCKS.discard(self.path)
+        holder = self._holder()
+        if holder is not None and holder[0] == os.getpid():
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:  # pragma: no cover
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --------------------------------------------------------------------------- the mixin
 class CheckpointMixin:
     """``save_model``, ``save_checkpoint``, ``latest_checkpoint`` and ``load_checkpoint`` of the trainer."""
 
@@ -56,65 +316,145 @@ class CheckpointMixin:
         if self.world_size > 1:
             dist.barrier()
 
+    def _write_model(self, path: str) -> None:
+        """Model (safetensors) and tokenizer into ``path``, every file fsynced (rank 0 only)."""
+        os.makedirs(path, exist_ok=True)
+        self.unwrapped.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        for rel in _files(path):
+            _fsync_file(os.path.join(path, rel))
+
     def save_model(self, path: str):
         """The model (safetensors) and tokenizer to ``path`` (rank 0; every rank waits for it)."""
         if self.is_main:
-            os.makedirs(path, exist_ok=True)
-            self.unwrapped.save_pretrained(path, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(path)
+            self._write_model(path)
+        self._barrier()
+
+    def _save_model_atomic(self, path: str) -> None:
+        """:meth:`save_model` into a temporary sibling, renamed to ``path`` when complete (``final/``: a crash
+        leaves the previous ``final/`` or the new one, never a torn one)."""
+        if self.is_main:
+            tmp = _tmp_sibling(path)
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp)
+            self._write_model(tmp)
+            _publish(tmp, path)
         self._barrier()
 
     def save_checkpoint(self, path: Optional[str] = None) -> str:
-        """``output_dir/checkpoint-<step>``: model (safetensors) + tokenizer + optimizer/scheduler/step/history on
-        rank 0, and every rank's RNG state."""
-        path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        self.save_model(path)
+        """``output_dir/checkpoint-<step>``, written atomically (see the module docstring): model (safetensors)
+        + tokenizer + optimizer/scheduler/step/history on rank 0, every rank's RNG state, then the completion
+        marker. Returns the checkpoint's path."""
+        path = os.path.normpath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
+        tmp = _tmp_sibling(path)
         if self.is_main:
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "history": self.history,
-                        "target_reached": self.target_reached, "config": self.config.to_dict(),
-                        "world_size": self.world_size}, os.path.join(path, STATE_FILE))
-        torch.save(_rng_state(), os.path.join(path, f"rng_state_{self.rank}.pt"))
-        self._barrier()
+            if os.path.lexists(tmp):  # left by a crashed save
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        self._barrier()  # the directory exists for every rank
+        if self.is_main:
+            self._write_model(tmp)
+            _torch_save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "history": self.history,
+                         "target_reached": self.target_reached, "config": self.config.to_dict(),
+                         "world_size": self.world_size}, os.path.join(tmp, STATE_FILE))
+        _torch_save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
+        self._barrier()  # every rank's files are durable before the marker says so
+        if self.is_main:
+            marker = os.path.join(tmp, COMPLETE_FILE)
+            info = {"step": self.step, "world_size": self.world_size, "files": _files(tmp)}
+            with open(marker, "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _publish(tmp, path)
+        self._barrier()  # no rank goes on (or reads it) before the rename
         return path
 
     def latest_checkpoint(self) -> Optional[str]:
-        """The ``checkpoint-<step>`` directory of ``output_dir`` with the highest step (None if there is none)."""
-        found = []
-        for d in glob.glob(os.path.join(self.config.output_dir, "checkpoint-*")):
-            m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(d))
-            if m and os.path.isfile(os.path.join(d, STATE_FILE)):
-                found.append((int(m.group(1)), d))
-        return max(found)[1] if found else None
+        """The newest complete ``checkpoint-<step>`` directory of ``output_dir`` (None if there is none); each
+        newer, incomplete one (a save cut short by a crash, a truncated or missing file) is skipped with a
+        warning naming it and what is wrong."""
+        for _, d in find_checkpoints(self.config.output_dir):
+            problem = checkpoint_problem(d)
+            if problem is None:
+                return d
+            if self.is_main:
+                warnings.warn(f"skipping incomplete checkpoint {d}: {problem}", stacklevel=2)
+        return None
+
+    def _read_checkpoint_file(self, path: str, name: str, reader: Callable[[str], Any]):
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            raise ValueError(f"checkpoint {path!r} has no {name}")
+        try:
+            return reader(p)
+        except Exception as e:  # noqa: BLE001 - torch/safetensors raise RuntimeError, EOFError, pickle errors ...
+            raise ValueError(f"checkpoint {path!r}: cannot read {name} ({_first_line(e)}); it is damaged, "
+                             f"resume from an earlier checkpoint") from e
+
+    def _check_resume_config(self, saved: Optional[Dict[str, Any]], path: str) -> None:
+        if not saved:
+            return
+        errors, others = config_differences(saved, self.config.to_dict())
+        if errors:
+            raise ValueError(f"checkpoint {path!r} comes from a run with a different config ({'; '.join(errors)}; "
+                             f"checkpoint's -> this run's): resume with the same values, or start a new run "
+                             f"(another output_dir, or overwrite_output_dir)")
+        if others and self.is_main:
+            warnings.warn(f"resuming from {path} with a config that differs from the checkpoint's: "
+                          f"{'; '.join(others)} (checkpoint's -> this run's; the optimizer and LR schedule continue "
+                          f"from the checkpoint's state)", stacklevel=3)
 
     def load_checkpoint(self, path: str):
         """Restore model weights, optimizer, scheduler, step, metric history and RNG from ``path`` ("latest" = the
-        newest ``checkpoint-*`` in ``output_dir``); returns the directory restored from."""
+        newest complete ``checkpoint-*`` in ``output_dir``); returns the directory restored from.
+
+        Every check comes before anything is changed: the checkpoint is complete (a checkpoint without a
+        completion marker, from an older version, is loaded with a warning), readable, of the same world size,
+        and its config agrees with this run's (:data:`RESUME_MUST_MATCH`)."""
         if path == "latest":
             p = self.latest_checkpoint()
             if p is None:
-                raise ValueError(f"resume_from_checkpoint='latest' but {self.config.output_dir!r} has no checkpoint")
+                found = find_checkpoints(self.config.output_dir)
+                why = (f"{len(found)} incomplete ones were skipped" if found else
+                       "checkpoints are written every save_steps (--save-steps N) steps")
+                raise ValueError(f"resume_from_checkpoint='latest' but {self.config.output_dir!r} has no complete "
+                                 f"checkpoint ({why}); start over with overwrite_output_dir (--overwrite-output-dir)")
             path = p
-        state_file = os.path.join(path, STATE_FILE)
-        if not os.path.isfile(state_file):
-            raise ValueError(f"resume_from_checkpoint: {path!r} is not a checkpoint (no {STATE_FILE})")
+        if not os.path.isdir(path):
+            raise ValueError(f"resume_from_checkpoint: {path!r} is not a checkpoint (no such directory)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            if os.path.isfile(os.path.join(path, COMPLETE_FILE)):
+                raise ValueError(f"checkpoint {path!r} is incomplete: {problem}; resume from an earlier checkpoint")
+            if not os.path.isfile(os.path.join(path, STATE_FILE)):
+                raise ValueError(f"resume_from_checkpoint: {path!r} is not a checkpoint (no {STATE_FILE})")
+            if self.is_main:
+                warnings.warn(f"checkpoint {path} has no {COMPLETE_FILE} (written by an older grpo-kernels, or its "
+                              f"save was interrupted); loading it anyway", stacklevel=2)
         from safetensors.torch import load_file
 
-        sd = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
-        missing, unexpected = self.unwrapped.load_state_dict(sd, strict=False)
-        tied = set(getattr(self.unwrapped, "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied]:
-            raise ValueError(f"checkpoint {path!r} does not match the model: missing={missing}, unexpected={unexpected}")
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = self._read_checkpoint_file(path, STATE_FILE,
+                                           lambda p: torch.load(p, map_location="cpu", weights_only=False))
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint was written with world_size={state.get('world_size')} but this run has "
                              f"{self.world_size}; the data order would differ")
+        self._check_resume_config(state.get("config"), path)
+        rng = self._read_checkpoint_file(path, f"rng_state_{self.rank}.pt",
+                                         lambda p: torch.load(p, map_location="cpu", weights_only=False))
+        sd = self._read_checkpoint_file(path, MODEL_FILE, lambda p: load_file(p, device=str(self.device)))
+        want = set(self.unwrapped.state_dict())
+        tied = set(getattr(self.unwrapped, "_tied_weights_keys", None) or [])
+        missing, unexpected = sorted(want - set(sd) - tied), sorted(set(sd) - want)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path!r} does not match the model: missing={missing}, unexpected={unexpected}")
+        self.unwrapped.load_state_dict(sd, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.target_reached = state.get("target_reached")
-        rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pt"), map_location="cpu", weights_only=False)
         _set_rng_state(rng)
         return path

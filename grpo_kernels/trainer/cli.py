@@ -9,7 +9,13 @@ With no task arguments (no ``--model``/``--dataset``/``--config``) it runs the b
     torchrun --nproc_per_node 2 -m grpo_kernels.cli train --dataset data.jsonl --model ./ckpt
 
 Every :class:`~grpo_kernels.trainer.GRPOConfig` field is a flag (``--per-device-batch-size``, ``--loss-type`` ...);
-flags override the config file, which overrides the defaults (the demo's tuned defaults for the demo).
+flags override the config file, which overrides the defaults (the demo's tuned defaults for the demo). Options
+must be spelled out (no prefix matching: ``--lr`` is an error, not ``--lr-scheduler``).
+
+The output directory is guarded (see :meth:`GRPOTrainer.train`): a second run into one that holds a run is
+refused unless ``--resume`` (continue the newest complete checkpoint) or ``--overwrite-output-dir`` is given.
+Errors in the inputs (config file, ``--model``, dataset, checkpoint, output directory, reward functions) are one
+line on stderr and exit code 2; ``--debug`` prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -22,27 +28,28 @@ import sys
 import time
 
 
-def _field_type(f):
-    """``(kind, element type)`` of a GRPOConfig field from its annotation: ``("list", float|str)``,
-    ``("bool", None)`` or ``("scalar", int|float|str)`` (``Optional[...]`` is the inner type)."""
-    s = str(f.type)  # the annotation text (config.py uses postponed annotations)
-    if "List" in s or "list" in s:
-        return "list", float if "float" in s else str
-    if "bool" in s:
-        return "bool", None
-    if "int" in s:
-        return "scalar", int
-    if "float" in s:
-        return "scalar", float
-    return "scalar", str
-
-
 def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+    from .config import _coerce_scalar
+
+    try:
+        return _coerce_scalar(bool, v)
+    except TypeError:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}") from None
+
+
+def _typed(typ):
+    """An argparse type converting like the config files do (``1e3`` for an int field, ``1e-3`` for a float)."""
+    from .config import _coerce_scalar
+
+    def parse(v: str):
+        try:
+            return _coerce_scalar(typ, v)
+        except TypeError:
+            what = "an integer" if typ is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+
+    parse.__name__ = typ.__name__
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from a checkpoint directory (default: the newest one in --output-dir)")
     parser.add_argument("--demo-digits", type=int, default=None, help="demo only: length of the digit string to copy")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g = parser.add_argument_group("GRPOConfig fields (see grpo_kernels/trainer/config.py)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback too (by default: one line, exit code 2)")
+    g = parser.add_argument_group("GRPOConfig fields (see grpo_kernels/trainer/config.py); a bare boolean "
+                                  "flag means true (--overwrite-output-dir)")
     for f in dataclasses.fields(GRPOConfig):
         if f.name == "resume_from_checkpoint":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind, typ = _field_type(f)
-        if kind == "bool":
-            g.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="BOOL")
-        elif kind == "list":
+        ft = GRPOConfig.field_type(f.name)
+        typ = ft.base if ft.base is str else _typed(ft.base)
+        if ft.base is bool:
+            g.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, metavar="BOOL")
+        elif ft.is_list:
             g.add_argument(flag, dest=f.name, type=typ, nargs="+", default=None)
         else:
             g.add_argument(flag, dest=f.name, type=typ, default=None)
@@ -108,30 +119,70 @@ def build_task(args, overrides: dict):
         raise ValueError("--model LOCAL_PATH is required with --dataset/--config (or run with no arguments for the demo)")
     if not args.dataset:
         raise ValueError("--dataset FILE.jsonl is required with --model")
-    if not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model!r} is not a local directory (nothing is downloaded)")
-    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    _check_model_dir("--model", args.model)
+    tok_path = args.tokenizer or args.model
+    if args.tokenizer:
+        _check_model_dir("--tokenizer", args.tokenizer, need_config=False)
+    tok = _load(f"the tokenizer from {'--tokenizer' if args.tokenizer else '--model'} {tok_path!r}",
+                AutoTokenizer.from_pretrained, tok_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    model = _load(f"the model from --model {args.model!r}", AutoModelForCausalLM.from_pretrained, args.model)
     return model, tok, args.dataset, cfg
 
 
+def _check_model_dir(flag: str, path: str, need_config: bool = True) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is not a local directory (nothing is downloaded)")
+    if not os.listdir(path):
+        raise ValueError(f"{flag} {path!r} is an empty directory (expected a Hugging Face model: config.json, "
+                         f"weights, tokenizer files)")
+    if need_config and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path!r} has no config.json: not a Hugging Face model directory "
+                         f"(it holds {', '.join(sorted(os.listdir(path))[:5])})")
+
+
+def _load(what: str, fn, path: str):
+    try:
+        return fn(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... with long texts
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"cannot load {what}: {type(e).__name__}: {lines[0] if lines else ''}") from e
+
+
 def run(args) -> int:
+    """``grpo-kernels train``. A bad input (config, model, dataset, checkpoint, output directory, reward function)
+    is one line on stderr, ``grpo-kernels train: error: ...``, and exit code 2; ``--debug`` adds the traceback."""
+    import traceback
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # warnings as one line each
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return _run(args)
+        except (ValueError, OSError) as e:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            text = " ".join(str(e).split()) or type(e).__name__
+            hint = "" if getattr(args, "debug", False) else " (--debug shows the traceback)"
+            print(f"grpo-kernels train: error: {text}{hint}", file=sys.stderr)
+            return 2
+
+
+def _run(args) -> int:
     from .data import GRPODataset
     from .trainer import GRPOTrainer
 
     overrides = _overrides(args)
     is_demo = not (args.model or args.dataset or args.config)
-    try:
-        if is_demo:
-            model, tok, data, cfg = build_demo(args, overrides)
-        else:
-            model, tok, data, cfg = build_task(args, overrides)
-    except (ValueError, OSError) as e:
-        print(f"grpo-kernels train: error: {e}", file=sys.stderr)
-        return 2
+    if is_demo:
+        model, tok, data, cfg = build_demo(args, overrides)
+    else:
+        model, tok, data, cfg = build_task(args, overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -142,15 +193,12 @@ def run(args) -> int:
         n_par = sum(p.numel() for p in model.parameters())
         print(f"GRPO {what}\n  model: {n_par / 1e6:.3f}M parameters; dataset: {ds!r}\n"
               f"  steps: {cfg.max_steps}, prompts/step/process: {cfg.per_device_batch_size}, G: {cfg.num_generations}, "
-              f"loss: {cfg.loss_type}, lr: {cfg.learning_rate}, output: {os.path.abspath(cfg.output_dir)}")
+              f"loss: {cfg.loss_type}, lr: {cfg.learning_rate}, output: {os.path.abspath(cfg.output_dir)}", flush=True)
         if ds.num_skipped:
             print(f"  skipped {ds.num_skipped} malformed rows (first: line {ds.skipped[0][0]}: {ds.skipped[0][1]})")
     trainer = GRPOTrainer(model, ds, cfg, tokenizer=tok)
-    if _is_rank0():
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cfg.save(os.path.join(cfg.output_dir, "config.json"))
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train()  # writes output_dir/config.json once it holds the directory
     wall = time.perf_counter() - t0
     if _is_rank0():
         s = trainer.summary()

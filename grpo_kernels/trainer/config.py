@@ -2,20 +2,80 @@
 
 Values are resolved in this order (later wins): dataclass defaults, the config file
 (:meth:`GRPOConfig.from_file`), explicit overrides (:meth:`GRPOConfig.replace`, the CLI flags).
+
+Every field is checked and coerced by its declared type (:meth:`GRPOConfig.field_type`) whatever the source:
+``"1e-3"`` (YAML reads ``1e-3`` without a dot as a string) becomes ``0.001`` for a float field, ``"false"`` /
+``"no"`` / ``"0"`` become ``False`` for a bool field, an integral ``1000.0`` becomes ``1000`` for an int field;
+anything else of the wrong type is a ``ValueError`` naming the key (and the config file it came from).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..options import LossOptions
 
 _SCHEDULERS = ("cosine", "constant", "linear")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 
+
+class FieldType(NamedTuple):
+    """The declared type of a :class:`GRPOConfig` field: ``base`` (bool, int, float or str), ``is_list``
+    (a list of ``base``) and ``optional`` (None allowed)."""
+
+    base: type
+    is_list: bool
+    optional: bool
+
+
+def _type_name(ft: FieldType) -> str:
+    names = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+    what = f"a list of {names[ft.base].split(' ', 1)[1]}s" if ft.is_list else names[ft.base]
+    return what + (" or null" if ft.optional else "")
+
+
+def _coerce_scalar(base: type, v):
+    """``v`` as ``base``, or raise ``TypeError`` (the caller words the error)."""
+    if base is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            return v.strip().lower() in _TRUE
+        raise TypeError
+    if base is str:
+        if isinstance(v, str):
+            return v
+        raise TypeError
+    if isinstance(v, bool):  # True is an int to Python, never a number here
+        raise TypeError
+    if isinstance(v, str):
+        t = v.strip()
+        try:
+            v = int(t) if base is int else float(t)
+        except ValueError:
+            try:
+                v = float(t)  # "1e3" for an int field
+            except ValueError:
+                raise TypeError from None
+    if base is float:
+        if isinstance(v, numbers.Real):
+            return float(v)
+        raise TypeError
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real) and math.isfinite(v) and v == int(v):
+        return int(v)
+    raise TypeError
 
 @dataclass
 class GRPOConfig:
@@ -91,12 +151,56 @@ class GRPOConfig:
     target_reward: Optional[float] = None  # report when the 10-step mean reward first reaches it
     stop_at_target: bool = False  # ... and stop there
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest" (newest in output_dir)
+    # a new run in an output_dir that holds another run's files: remove them (checkpoints, final/, metrics)
+    # instead of refusing; see GRPOTrainer.train
+    overwrite_output_dir: bool = False
 
     def __post_init__(self):
         self.validate()
 
+    # ------------------------------------------------------------------ types
+    @classmethod
+    def field_type(cls, name: str) -> FieldType:
+        """The declared type of field ``name`` (from its annotation)."""
+        hints = _hints(cls)
+        if name not in hints:
+            raise ValueError(f"unknown GRPOConfig key {name!r}")
+        tp, optional = hints[name], False
+        if typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional, tp = len(args) < len(typing.get_args(tp)), args[0]
+        if typing.get_origin(tp) in (list, List):
+            return FieldType(typing.get_args(tp)[0], True, optional)
+        return FieldType(tp, False, optional)
+
+    @classmethod
+    def coerce_field(cls, name: str, value, source: Optional[str] = None):
+        """``value`` converted to the declared type of field ``name`` (see the module docstring); a
+        ``ValueError`` naming the key (and ``source``, the config file, when given) if it cannot be."""
+        ft = cls.field_type(name)
+        where = f"config file {source!r}: key {name!r}" if source else f"GRPOConfig field {name!r}"
+        if value is None:
+            if ft.optional:
+                return None
+            raise ValueError(f"{where} must be {_type_name(ft)}, got null")
+        try:
+            if not ft.is_list:
+                return _coerce_scalar(ft.base, value)
+            if isinstance(value, str) and ft.base is str:
+                return [s.strip() for s in value.split(",") if s.strip()]  # "a,b" for a list of names
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce_scalar(ft.base, v) for v in value]
+        except TypeError:
+            raise ValueError(f"{where} must be {_type_name(ft)}, got {value!r:.80} ({type(value).__name__})") from None
+
+    def _coerce_fields(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, self.coerce_field(f.name, getattr(self, f.name)))
+
     # ------------------------------------------------------------------ checks
     def validate(self) -> "GRPOConfig":
+        self._coerce_fields()
         def pos_int(name, allow_zero=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
@@ -121,8 +225,9 @@ class GRPOConfig:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate!r}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
-        if isinstance(self.reward_funcs, str):
-            self.reward_funcs = [s for s in self.reward_funcs.split(",") if s]
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ValueError("overwrite_output_dir and resume_from_checkpoint exclude each other: overwriting would "
+                             "remove the checkpoints to resume from")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                              f"{len(self.reward_funcs)} (the reward model has its own reward_model_weight)")
@@ -139,29 +244,62 @@ class GRPOConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "GRPOConfig":
-        unknown = sorted(set(d) - set(cls.field_names()))
+    def from_dict(cls, d: Dict[str, Any], source: Optional[str] = None) -> "GRPOConfig":
+        """A config from a mapping of field names; ``source`` (a file name) goes into the error messages."""
+        unknown = sorted(set(map(str, d)) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown GRPOConfig keys: {unknown}")
-        return cls(**d)
+            raise ValueError(f"unknown GRPOConfig keys: {unknown}" + (f" in config file {source!r}" if source else ""))
+        return cls(**{k: cls.coerce_field(k, v, source) for k, v in d.items()})
 
     @classmethod
-    def from_file(cls, path: str, **overrides) -> "GRPOConfig":
-        """Load a ``.yaml``/``.yml`` or ``.json`` file (a flat mapping of field names), then apply ``overrides``."""
+    def read_file(cls, path: str) -> Dict[str, Any]:
+        """The raw mapping of a ``.yaml``/``.yml`` or ``.json`` config file (errors name the file)."""
         if not os.path.isfile(path):
             raise ValueError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            d = yaml.safe_load(text) or {}
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                what = " ".join(str(getattr(e, "problem", None) or e).split())
+                raise ValueError(f"config file {path!r} is not valid YAML: {what}{where}") from None
+            d = {} if d is None else d
         else:
-            d = json.loads(text)
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, "
+                                 f"column {e.colno}") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {path!r} must hold a mapping of GRPOConfig fields, got {type(d).__name__}")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+        return d
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "GRPOConfig":
+        """Load a ``.yaml``/``.yml`` or ``.json`` file (a flat mapping of field names), then apply ``overrides``.
+        A value of the wrong type, or one that fails a check, is an error naming the key and the file."""
+        raw = cls.read_file(path)
+        unknown = sorted(set(map(str, raw)) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown GRPOConfig keys: {unknown} in config file {path!r}")
+        d = {k: cls.coerce_field(k, v, path) for k, v in raw.items()}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        d.update(given)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:  # a range check of a value that came from the file: say so
+            first = str(e).split(" ", 1)[0]
+            if first in set(raw) - set(given):
+                raise ValueError(f"config file {path!r}: {e}") from None
+            raise
 
     def replace(self, **overrides) -> "GRPOConfig":
         """A copy with the non-None ``overrides`` applied (validated)."""
@@ -173,5 +311,14 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
+        """Write the config as JSON (:meth:`from_file` reads it back)."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+def _hints(cls) -> Dict[str, Any]:
+    h = cls.__dict__.get("_type_hints_cache")
+    if h is None:
+        h = typing.get_type_hints(cls)
+        setattr(cls, "_type_hints_cache", h)
+    return h

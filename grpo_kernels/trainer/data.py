@@ -88,10 +88,20 @@ class GRPODataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ reading
     def _read_jsonl(self, path: str, skip_invalid: bool):
+        if os.path.isdir(path):
+            raise DatasetFormatError(f"dataset {path!r} is a directory, not a JSONL file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for i, text in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    msg = f"{path}: line {i}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                    if not skip_invalid:
+                        raise DatasetFormatError(msg) from None
+                    self.skipped.append((i, "not UTF-8 text"))
+                    continue
                 if not text.strip():
                     continue
                 try:

@@ -3,7 +3,9 @@
 A reward function has the TRL-style signature ``f(prompts, completions, **columns) -> list[float]``: ``prompts``
 and ``completions`` are lists of strings of equal length (one entry per sampled response, each prompt
 repeated ``G`` times), and ``columns`` carries the dataset's extra fields aligned the same way (for example
-``answer=[...]``). ``None`` in the returned list means "not applicable" and counts as 0.
+``answer=[...]``). ``None`` in the returned list means "not applicable" and counts as 0. Anything else than one finite number (or
+``None``) per completion -- ``None`` itself, a generator, a string, nested lists -- is a
+:class:`RewardFunctionError` naming the function and what it returned (:func:`check_scores`).
 
 Registered rule rewards (look them up with :func:`get_reward_func`):
 
@@ -194,6 +196,56 @@ class RewardModel:
 
 
 # --------------------------------------------------------------------------- combination
+class RewardFunctionError(TypeError, ValueError):
+    """A reward function returned something other than one finite score (or None) per completion. Both a
+    ``TypeError`` and a ``ValueError``, so either ``except`` catches it."""
+
+
+def _describe(v) -> str:
+    if v is None:
+        return "None"
+    text = repr(v)
+    return f"a {type(v).__name__} {text[:77] + '...' if len(text) > 80 else text}"
+
+
+def _where(fn) -> str:
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    return f" (defined at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+
+
+def check_scores(name: str, fn, vals, n: int) -> List[float]:
+    """``vals``, what reward function ``fn`` (called ``name``) returned for ``n`` completions, as ``n`` floats
+    (``None`` -> 0.0). A list, tuple, 1-D tensor or array of real numbers / None is accepted; anything else (None,
+    a generator, a string, a dict, nested lists, a non-finite score, a wrong length) is a
+    :class:`RewardFunctionError` naming the function and what it returned."""
+    def bad(what: str) -> RewardFunctionError:
+        return RewardFunctionError(f"reward function {name!r}{_where(fn)} must return a list of {n} scores (floats, "
+                                   f"or None for 'not applicable'), one per completion; {what}")
+
+    if torch.is_tensor(vals) or (hasattr(vals, "ndim") and hasattr(vals, "tolist")):  # tensor / numpy array
+        if vals.ndim != 1:
+            raise bad(f"it returned a {vals.ndim}-D {type(vals).__name__} of shape {tuple(vals.shape)}")
+        vals = vals.tolist()
+    if not isinstance(vals, (list, tuple)):
+        hint = " (a generator: return a list, e.g. [..] instead of (..))" if hasattr(vals, "__next__") else ""
+        raise bad(f"it returned {_describe(vals)}{hint}")
+    if len(vals) != n:
+        raise bad(f"it returned {len(vals)} scores for {n} completions")
+    out = []
+    for i, v in enumerate(vals):
+        if v is None:
+            out.append(0.0)
+            continue
+        x = v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v  # 0-d tensor, numpy scalar
+        if isinstance(x, (str, bytes)) or not isinstance(x, (int, float)):
+            raise bad(f"score {i} is {_describe(v)}")
+        v = float(x)
+        if not math.isfinite(v):
+            raise bad(f"score {i} is {v} (scores must be finite)")
+        out.append(v)
+    return out
+
+
 class CombinedReward:
     """Weighted sum of several reward functions, keeping each one's raw scores for logging.
 
@@ -228,9 +280,7 @@ class CombinedReward:
         total = torch.zeros(len(completions), dtype=torch.float32)
         for name, fn, w in zip(self.names, self.funcs, self.weights):
             vals = fn(list(prompts), list(completions), **columns)
-            if len(vals) != len(completions):
-                raise ValueError(f"reward function {name!r} returned {len(vals)} scores for {len(completions)} completions")
-            t = torch.tensor([0.0 if v is None else float(v) for v in vals], dtype=torch.float32)
+            t = torch.tensor(check_scores(name, fn, vals, len(completions)), dtype=torch.float32)
             per[name] = t
             total += w * t
         return total, per

@@ -30,13 +30,16 @@ import json
 import math
 import os
 import random
+import re
+import shutil
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointMixin
+from .checkpoint import RUN_ARTIFACTS, TMP_PREFIX, CheckpointMixin, OutputDirLock
 from .config import GRPOConfig
 from .data import GRPODataset
 from .objective import ObjectiveMixin
@@ -61,6 +64,13 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin):
@@ -384,20 +394,85 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin):
     def train(self) -> List[Dict[str, float]]:
         """Run ``config.max_steps`` steps (from a checkpoint if ``resume_from_checkpoint``); returns the metric rows.
 
-        Writes ``output_dir/metrics.jsonl`` (one row per step: ``step``, ``reward``, ``reward_std``,
-        ``frac_reward_zero_std``, ``rewards/<fn>``, ``kl``, ``clip_ratio``, ``entropy``, ``completions/mean_length``,
-        ``loss``, ``grad_norm``, ``learning_rate``, ``step_time`` (s), ``tokens_per_sec`` (completion tokens / s),
-        ``elapsed`` (s)), ``checkpoint-<step>/`` every ``save_steps``, the final model and ``reward_curve.png``.
+        Writes ``output_dir/config.json``, ``output_dir/metrics.jsonl`` (one row per step: ``step``, ``reward``,
+        ``reward_std``, ``frac_reward_zero_std``, ``rewards/<fn>``, ``kl``, ``clip_ratio``, ``entropy``,
+        ``completions/mean_length``, ``loss``, ``grad_norm``, ``learning_rate``, ``step_time`` (s),
+        ``tokens_per_sec`` (completion tokens / s), ``elapsed`` (s)), ``checkpoint-<step>/`` every ``save_steps``
+        (atomically, see :mod:`.checkpoint`), the final model and ``reward_curve.png``.
+
+        The output directory is guarded (rank 0, for the whole call): ``output_dir/.lock`` names this process,
+        and another live run's lock is an error; a directory that holds another run's files (metrics,
+        checkpoints, ``final/``) is refused unless ``resume_from_checkpoint`` is set (continue it) or
+        ``overwrite_output_dir`` (its files are removed first).
         """
-        cfg = self.config
+        lock = self._guard_output_dir()
+        try:
+            return self._train_loop()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _guard_output_dir(self):
+        """Rank 0 takes the output-directory lock and checks the directory; every rank raises the same
+        ``ValueError`` if that fails (so no rank is left waiting at a collective). Returns the lock (rank 0)."""
+        lock, error = None, None
         if self.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+            try:
+                lock = self._check_output_dir()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+                error = e
+        if self.world_size > 1 and dist.is_initialized():
+            msg = [None if error is None else str(error)]
+            dist.broadcast_object_list(msg, src=0)
+            if msg[0] is not None and error is None:
+                raise ValueError(f"rank 0: {msg[0]}")
+        if error is not None:
+            raise error
+        return lock
+
+    def _check_output_dir(self) -> OutputDirLock:
+        cfg = self.config
+        out = cfg.output_dir
+        os.makedirs(out, exist_ok=True)
+        lock = OutputDirLock(out).acquire()
+        try:
+            entries = sorted(os.listdir(out))
+            ours = [e for e in entries if e in RUN_ARTIFACTS or re.fullmatch(r"checkpoint-\d+", e)
+                    or e.startswith(TMP_PREFIX)]
+            same_run = getattr(self, "_run_dir", None) == os.path.abspath(out)  # train() again on this trainer
+            if ours and not cfg.resume_from_checkpoint and not same_run:
+                if not cfg.overwrite_output_dir:
+                    shown = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
+                    raise ValueError(f"output_dir {out!r} already holds a run ({shown}); continue it with "
+                                     f"resume_from_checkpoint='latest' (--resume), or replace it with "
+                                     f"overwrite_output_dir=True (--overwrite-output-dir)")
+                for e in ours:
+                    _remove(os.path.join(out, e))
+                print(f"note: overwrite_output_dir: removed the previous run's files from {out} ({len(ours)} "
+                      f"entries)", file=sys.stderr)
+            for e in os.listdir(out):  # what saves cut short by a crash left: nothing reads it
+                if e.startswith(TMP_PREFIX):
+                    _remove(os.path.join(out, e))
+        except BaseException:
+            lock.release()
+            raise
+        self._run_dir = os.path.abspath(out)
+        return lock
+
+    def _train_loop(self) -> List[Dict[str, float]]:
+        cfg = self.config
         if cfg.resume_from_checkpoint:
-            self.load_checkpoint(cfg.resume_from_checkpoint)
+            path = self.load_checkpoint(cfg.resume_from_checkpoint)
+            if self.is_main:
+                print(f"resumed from {path} at step {self.step}", flush=True)
         mpath = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if self.is_main:  # the rows kept from a resumed checkpoint, then one row per new step
-            with open(mpath, "w", encoding="utf-8") as f:
+        if self.is_main:
+            cfg.save(os.path.join(cfg.output_dir, "config.json"))
+            # the rows kept from a resumed checkpoint (replacing the file in one rename), then one row per new step
+            tmp = os.path.join(cfg.output_dir, TMP_PREFIX + "metrics.jsonl")
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, mpath)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", dynamic_ncols=True,
@@ -422,7 +497,7 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin):
                 break
         bar.close()
         if cfg.save_final:
-            self.save_model(os.path.join(cfg.output_dir, "final"))
+            self._save_model_atomic(os.path.join(cfg.output_dir, "final"))
         if self.is_main and cfg.plot and self.history:
             self.plot_path = plot_rewards(self.history, os.path.join(cfg.output_dir, "reward_curve.png"))
         return self.history
