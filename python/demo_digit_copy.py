@@ -21,13 +21,15 @@ def main():
     ap.add_argument("--digits", type=int, default=3)
     ap.add_argument("--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"])
     ap.add_argument("--output-dir", default="grpo_demo_script_output")
+    ap.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier run in --output-dir")
     args = ap.parse_args()
 
     tokenizer = build_tokenizer()  # character level, built in code
     model = build_model(tokenizer, seed=args.seed, **DEMO_MODEL)  # random init
     rows = make_copy_rows(4096, args.digits, seed=args.seed)  # {"prompt": "471=", "answer": "471"}
     config = GRPOConfig(**{**DEMO_DEFAULTS, "max_new_tokens": args.digits + 1, "max_steps": args.max_steps,
-                           "seed": args.seed, "output_dir": args.output_dir})
+                           "seed": args.seed, "output_dir": args.output_dir,
+                           "overwrite_output_dir": args.overwrite_output_dir})
     dataset = GRPODataset(rows, tokenizer, num_samples=config.num_generations, use_chat_template=False)
     trainer = GRPOTrainer(model, dataset, config, reward_funcs=[digit_copy_reward], tokenizer=tokenizer)
     trainer.train()

@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--output-dir", default="grpo_qwen_math")
     ap.add_argument("--max-steps", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    ap.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier run in --output-dir")
     ap.add_argument("--cpu-smoke-test", action="store_true",
                     help="run a few tiny CPU steps (fp32, 16 new tokens) to check the wiring, not to train")
     args = ap.parse_args()
@@ -57,6 +58,7 @@ def main():
         fused_linear=True, bf16=True, gradient_checkpointing=True,
         learning_rate=1e-6, warmup_steps=10, lr_scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0,
         save_steps=50, resume_from_checkpoint="latest" if args.resume else None,
+        overwrite_output_dir=args.overwrite_output_dir,
         reward_funcs=["exact_answer"], target_reward=None,
     )
     if smoke:
