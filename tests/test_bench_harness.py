@@ -200,6 +200,23 @@ def test_implementations_list_baseline_first_and_explain_skips():
     assert liger.skip_reason  # softmax loss, or not installed: never silently absent
 
 
+@pytest.mark.parametrize("op, mode, loss_type", [("grpo_loss", "fwd_bwd", "softmax"), ("grpo_loss", "fwd", "grpo"),
+                                                 ("token_logprobs", "fwd", C.NO_LOSS)])
+def test_every_implementation_that_runs_here_matches_the_baseline(op, mode, loss_type):
+    """Each backend and installed peer (TRL is in the [dev] extras) runs the case without error and gives the
+    eager baseline's output (the correctness guard of the report)."""
+    case = C.Case(op, mode, 4, 8, 64, loss_type=loss_type)
+    inputs = C.build_inputs(case, "cpu")
+    impls = [i for i in I.implementations(case, "cpu") if i.skip_reason is None and i.name != "torch.compile"]
+    assert "trl" in [i.name for i in impls]
+    base_row, base = C.measure(case, impls[0], "cpu", inputs, quick=True, memory=False)
+    assert base_row["status"] == "ok" and base is not None
+    for impl in impls[1:]:
+        row, _ = C.measure(case, impl, "cpu", inputs, quick=True, memory=False, baseline_out=base)
+        assert row["status"] == "ok", (impl.name, row.get("error"))
+        assert row["max_rel_diff"] is not None and row["max_rel_diff"] < 1e-5, (impl.name, row["max_rel_diff"])
+
+
 def test_max_diff_is_relative_to_at_least_one():
     base = torch.tensor([1e-9, 4.0], dtype=torch.float64)
     assert C._max_diff(base + torch.tensor([0.0, 0.5], dtype=torch.float64), base) == (0.5, 0.125)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as _ref
-from ..options import CLIPPED_LOSS_TYPES
+from ..options import CLIPPED_LOSS_TYPES, LossOptions
 from .cases import BACKEND_NAMES, LOGITS_OPS, PEER_NAMES, Case
 
 Tensor = torch.Tensor
@@ -209,12 +209,12 @@ def _trl_impl(case: Case) -> Impl:
     if case.op == "token_logprobs":
         fwd = lambda i: selective_log_softmax(i["logits"], i["tokens"])  # noqa: E731
     else:
-        kw = _loss_kwargs(case)
+        opts = LossOptions(loss_type=case.loss_type)
 
         def fwd(i):
             logp = selective_log_softmax(i["logits"], i["tokens"]).float()
             m = _ref.effective_mask(i["tokens"], None, logp.dtype)
-            return _ref.loss_from_logprobs(logp, m, i["rewards"], **kw)
+            return _ref.loss_from_logprobs(logp, m, i["rewards"], opts, group_size=case.group_size)
     return Impl(name, "peer", _wrap(case, fwd), note="TRL selective_log_softmax + reference loss_from_logprobs")
 
 
