@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from grpo_kernels.cli import main
 from grpo_kernels.trainer import GRPOConfig, GRPODataset, GRPOTrainer
 from grpo_kernels.trainer import checkpoint as ckpt
+from grpo_kernels.trainer import outdir
 from grpo_kernels.trainer.demo import build_model, build_tokenizer, make_copy_rows
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
@@ -205,7 +206,7 @@ def test_lock_from_another_host_or_a_concurrent_trainer_refuses(tok, rows, tmp_p
     with pytest.raises(ValueError, match="locked by process 4242 on host 'some-other-host'"):
         trainer(tok, rows, out, max_steps=1).train()
     (out / ".lock").unlink()
-    with ckpt.OutputDirLock(str(out)):  # another trainer of this process holds it
+    with outdir.OutputDirLock(str(out)):  # another trainer of this process holds it
         with pytest.raises(ValueError, match="this process"):
             trainer(tok, rows, out, max_steps=1).train()
     (out / ".lock").write_text(f"{os.getpid()}\n{socket.gethostname()}\n")  # our pid, not held: a reused pid

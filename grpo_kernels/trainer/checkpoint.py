@@ -1,5 +1,5 @@
 """Checkpoints of :class:`~grpo_kernels.trainer.GRPOTrainer`: save atomically, find the newest complete one,
-restore exactly; and the lock that keeps two runs out of one ``output_dir``.
+restore exactly (the lock that keeps two runs out of one ``output_dir`` is :mod:`.outdir`).
 
 A checkpoint directory ``output_dir/checkpoint-<step>/`` holds:
 
@@ -33,8 +33,6 @@ import os
 import random
 import re
 import shutil
-import socket
-import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -202,113 +200,6 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[
 
 
 # --------------------------------------------------------------------------- the output-directory lock
-_HELD_LOCKS: set = set()  # lock files held by this process (a lock naming our own pid but not here is stale)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except OSError:  # pragma: no cover - platforms without signal 0
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is not running
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-class OutputDirLock:
-    """``<output_dir>/.lock``, created with ``O_CREAT | O_EXCL`` and holding ``<pid>\\n<hostname>\\n`` of the run.
-
-    :meth:`acquire` raises ``ValueError`` naming the holder when another live process holds it; a lock whose
-    process is gone (same host, pid not running, e.g. after ``kill -9``) is stale and taken over with a note on
-    stderr. A lock from another host cannot be checked and counts as held (the message says which file to
-    remove). :meth:`release` removes the file if it is still ours.
-    """
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.path = os.path.abspath(os.path.join(directory, LOCK_FILE))
-        self.held = False
-
-    def _holder(self) -> Optional[Tuple[int, str]]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().split()
-            return int(lines[0]), (lines[1] if len(lines) > 1 else socket.gethostname())
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def acquire(self) -> "OutputDirLock":
-        import time
-
-        host = socket.gethostname()
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None:
-                    try:
-                        age = time.time() - os.path.getmtime(self.path)
-                    except OSError:
-                        continue  # just released
-                    if age < 5:  # being written by a process that just created it
-                        raise ValueError(f"output_dir {self.directory!r} is being locked by another run "
-                                         f"({self.path} was just created)") from None
-                    print(f"note: removing the unreadable lock file {self.path}", file=sys.stderr)
-                else:
-                    pid, their_host = holder
-                    ours = pid == os.getpid() and their_host == host
-                    if their_host != host:
-                        raise ValueError(f"output_dir {self.directory!r} is locked by process {pid} on host "
-                                         f"{their_host!r} ({self.path}); if that run is gone, delete the lock file")
-                    if (ours and self.path in _HELD_LOCKS) or (not ours and _pid_alive(pid)):
-                        who = "this process (another trainer in it)" if ours else f"process {pid}"
-                        raise ValueError(f"output_dir {self.directory!r} is in use by another run: {who} holds "
-                                         f"{self.path}; wait for it to finish or choose another output_dir")
-                    print(f"note: taking over the stale lock {self.path} of process {pid}, which is no longer "
-                          f"running", file=sys.stderr)
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(f"{os.getpid()}\n{host}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            _HELD_LOCKS.add(self.path)
-            return self
-        raise ValueError(f"could not lock output_dir {self.directory!r} ({self.path} keeps changing)")
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        _HELD_LOCKS.discard(self.path)
-        holder = self._holder()
-        if holder is not None and holder[0] == os.getpid():
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:  # pragma: no cover
-                pass
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-# --------------------------------------------------------------------------- the mixin
 class CheckpointMixin:
     """``save_model``, ``save_checkpoint``, ``latest_checkpoint`` and ``load_checkpoint`` of the trainer."""
 

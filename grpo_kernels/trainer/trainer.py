@@ -30,19 +30,17 @@ import json
 import math
 import os
 import random
-import re
-import shutil
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import RUN_ARTIFACTS, TMP_PREFIX, CheckpointMixin, OutputDirLock
+from .checkpoint import TMP_PREFIX, CheckpointMixin
 from .config import GRPOConfig
 from .data import GRPODataset
 from .objective import ObjectiveMixin
+from .outdir import OutputDirMixin
 from .plotting import plot_rewards
 from .rewards import CombinedReward, RewardModel
 from .rollout import Rollout, RolloutMixin
@@ -66,14 +64,7 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable
     return f
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin):
+class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin):
     """Lean GRPO trainer for Hugging Face causal LMs.
 
     ``max_score_values`` (class attribute, 2**27): above this many ``S·C·V`` values, ``generate_responses``
@@ -411,53 +402,6 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin):
         finally:
             if lock is not None:
                 lock.release()
-
-    def _guard_output_dir(self):
-        """Rank 0 takes the output-directory lock and checks the directory; every rank raises the same
-        ``ValueError`` if that fails (so no rank is left waiting at a collective). Returns the lock (rank 0)."""
-        lock, error = None, None
-        if self.is_main:
-            try:
-                lock = self._check_output_dir()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-                error = e
-        if self.world_size > 1 and dist.is_initialized():
-            msg = [None if error is None else str(error)]
-            dist.broadcast_object_list(msg, src=0)
-            if msg[0] is not None and error is None:
-                raise ValueError(f"rank 0: {msg[0]}")
-        if error is not None:
-            raise error
-        return lock
-
-    def _check_output_dir(self) -> OutputDirLock:
-        cfg = self.config
-        out = cfg.output_dir
-        os.makedirs(out, exist_ok=True)
-        lock = OutputDirLock(out).acquire()
-        try:
-            entries = sorted(os.listdir(out))
-            ours = [e for e in entries if e in RUN_ARTIFACTS or re.fullmatch(r"checkpoint-\d+", e)
-                    or e.startswith(TMP_PREFIX)]
-            same_run = getattr(self, "_run_dir", None) == os.path.abspath(out)  # train() again on this trainer
-            if ours and not cfg.resume_from_checkpoint and not same_run:
-                if not cfg.overwrite_output_dir:
-                    shown = ", ".join(ours[:4]) + (", ..." if len(ours) > 4 else "")
-                    raise ValueError(f"output_dir {out!r} already holds a run ({shown}); continue it with "
-                                     f"resume_from_checkpoint='latest' (--resume), or replace it with "
-                                     f"overwrite_output_dir=True (--overwrite-output-dir)")
-                for e in ours:
-                    _remove(os.path.join(out, e))
-                print(f"note: overwrite_output_dir: removed the previous run's files from {out} ({len(ours)} "
-                      f"entries)", file=sys.stderr)
-            for e in os.listdir(out):  # what saves cut short by a crash left: nothing reads it
-                if e.startswith(TMP_PREFIX):
-                    _remove(os.path.join(out, e))
-        except BaseException:
-            lock.release()
-            raise
-        self._run_dir = os.path.abspath(out)
-        return lock
 
     def _train_loop(self) -> List[Dict[str, float]]:
         cfg = self.config
