@@ -120,7 +120,6 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
                                   check_ids=check_ids, inplace=inplace_backward)
     logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, tau, return_metrics, impl,
                                           inplace_backward=inplace_backward, check_ids=check_ids)
-    m = _ref.effective_mask(tokens, mask, logp.dtype)
     return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent, **data)
 
 

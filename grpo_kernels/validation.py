@@ -259,18 +259,20 @@ def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int,
         if rewards is None:
             raise TypeError("rewards must be a tensor of shape (S,) (or pass advantages= for a clipped loss type)")
         check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
+    counts = None  # the positions that count: unmasked, token != -100
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         check_tensor(name, t, shape=shape, floating=True, device=device, allow_none=True)
         if t is not None and t.numel() and not _is_compiling():
-            counts = tokens != IGNORE_INDEX
-            if mask is not None:
-                counts = counts & (mask != 0)
+            if counts is None:
+                counts = tokens != IGNORE_INDEX
+                if mask is not None:
+                    counts = counts & (mask != 0)
+            bad = counts & ~torch.isfinite(t.detach())
 
-            def fail(name=name, t=t, counts=counts):
-                bad = counts & ~torch.isfinite(t.detach())
+            def fail(name=name, t=t, bad=bad):
                 s, p = (int(i) for i in bad.nonzero()[0])
                 raise ValueError(f"{name} must be finite at the positions that count (unmasked, token != "
                                  f"{IGNORE_INDEX}); found {t[s, p].item()} at [{s}, {p}]")
 
-            checks.add((counts & ~torch.isfinite(t.detach())).any(), fail)
+            checks.add(bad.any(), fail)
     checks.run()

@@ -1,6 +1,6 @@
 """The ops gateway: the only way the public API (``loss.py``, ``fused_linear.py``) reaches a kernel module.
 
-Three ``torch.library`` custom ops carry all logits-sized work, with fake implementations (so ``torch.compile``
+``torch.library`` custom ops carry all logits-sized work, with fake implementations (so ``torch.compile``
 traces through them, ``fullgraph=True`` included) and autograd; ``torch.library.opcheck`` checks them:
 
 ``grpo_kernels::logprobs_fwd(logits, tokens, mask, temperature, with_entropy, backend, inplace_backward, check_ids)``
@@ -8,7 +8,8 @@ traces through them, ``fullgraph=True`` included) and autograd; ``torch.library.
 ``grpo_kernels::logprobs_bwd(...)`` / ``grpo_kernels::logprobs_bwd_inplace(...)``
     the two-pass backward, into a new buffer or into the logits' own storage.
 ``grpo_kernels::logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids)``
-    the one-pass forward + gradient (see :func:`one_pass_loss`).
+    the one-pass forward + gradient (see :func:`one_pass_loss`); ``grpo_kernels::logprobs_fwd_grad_inplace``
+    writes that gradient over the logits (``inplace_backward=True``).
 
 ``backend`` names the kernel module (see the contract in :mod:`grpo_kernels.kernels`). ``check_ids`` is explicit:
 the public functions pass False after they validated the token ids themselves (eager mode) and True while
@@ -99,7 +100,7 @@ def _(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, 
 
 def _setup_context(ctx, inputs, output):
     logits, tokens, mask, temperature, with_entropy, backend = inputs[:6]
-    inplace = inputs[6] if len(inputs) > 6 else False
+    inplace = inputs[6]
     _, lse, entropy = output
     ctx.save_for_backward(logits, tokens, mask, lse, entropy)
     ctx.temperature = temperature
@@ -193,8 +194,8 @@ def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=
 
 
 def supports_one_pass(backend: str) -> bool:
-    """Whether the kernel module of ``backend`` implements ``logprobs_fwd_grad``."""
-    return bool(getattr(kernel_module(backend), "FWD_GRAD", False))
+    """Whether the kernel module of ``backend`` implements ``logprobs_fwd_grad`` (``FWD_GRAD``)."""
+    return bool(kernel_module(backend).FWD_GRAD)
 
 
 def scale_saved_gradients(ctx, grads, grad_out: Tensor):
@@ -215,7 +216,7 @@ def scale_saved_gradients(ctx, grads, grad_out: Tensor):
     if getattr(ctx, "handed_out", False):  # buffers hold `have`·gradient and belong to an earlier caller
         have = ctx.applied_scale
         if bool(have.eq(0)):
-            return tuple(None if g is None else torch.zeros_like(g) * want for g in grads)
+            return tuple(None if g is None else torch.zeros_like(g) for g in grads)
         factor = want / have
         return tuple(None if g is None else g * factor.to(g.dtype) for g in grads)
     if not bool(want.eq(1)):
