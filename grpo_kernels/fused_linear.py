@@ -9,12 +9,14 @@ token is ``-100``) are skipped entirely: no matmul, no kernel.
 
 Two schedules:
 
-* **one phase** (3 GEMMs per chunk) when ``∂loss/∂ℓ`` does not depend on the log-probs -- the lesson's softmax
-  loss and the clipped losses on-policy, without KL (:func:`grpo_kernels.reference.coefficients_are_constant`);
-* **two phases** otherwise (off-policy clipping, KL, GSPO with ``old_logprobs``): phase 1 computes every
-  token's log-prob chunk by chunk (1 GEMM per chunk, nothing kept but ``[S, T]`` vectors), then
-  ``c = ∂loss/∂ℓ`` comes from autograd on the eager :func:`reference.loss_from_logprobs` over the whole batch,
-  and phase 2 is the one-phase loop with that ``c`` (3 GEMMs). Memory stays flat in both.
+* **one phase** (3 GEMMs per chunk) when ``∂loss/∂ℓ`` (and ``∂loss/∂H``) do not depend on the log-probs and
+  entropies -- the lesson's softmax loss and every other loss type on-policy, without KL, with or without a
+  constant entropy bonus (:func:`grpo_kernels.reference.coefficients_are_constant`);
+* **two phases** otherwise (off-policy ratios, KL, the entropy mask, off-policy masking, the engine correction):
+  phase 1 computes every token's log-prob (and entropy) chunk by chunk (1 GEMM per chunk, nothing kept but
+  ``[S, T]`` vectors), then ``c = ∂loss/∂ℓ`` (and ``c_H = ∂loss/∂H``) come from autograd on the eager
+  :func:`reference.loss_from_logprobs` over the whole batch, and phase 2 is the one-phase loop with them (3 GEMMs).
+  Memory stays flat in both.
 
 Accumulating grad_weight (``grad_weight_accumulation``), for half-precision weights:
 
@@ -171,7 +173,8 @@ def plan_chunks(m: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     chunk = chunk_size or default_chunk_size(max(rows.numel(), 1), weight.shape[0], hidden.dtype, hidden.device)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     one_phase = need_grad and _ref.coefficients_are_constant(opts, old_logprobs=data["old_logprobs"],
-                                                             ref_logprobs=data["ref_logprobs"])
+                                                             ref_logprobs=data["ref_logprobs"],
+                                                             sampling_logprobs=data["sampling_logprobs"])
     return ChunkPlan(rows, chunk, one_phase, need_grad)
 
 
@@ -211,10 +214,11 @@ class _Accumulators:
 
 def _chunk_pass(plan: ChunkPlan, h2: Tensor, y2: Tensor, w: Tensor, b: Optional[Tensor], impl: str, tau: float,
                 logp: Tensor, ent: Optional[Tensor], *, coef: Optional[Tensor] = None,
-                grads: Optional[_Accumulators] = None) -> None:
+                ent_coef: Optional[Tensor] = None, grads: Optional[_Accumulators] = None) -> None:
     """One loop over the chunks. Per chunk: the logits ``hc @ w.T (+ b)`` (the bias in the GEMM's epilogue), then
     the kernel through the ops gateway -- forward only when ``coef`` is None, else the one-pass forward+gradient
-    written into the chunk buffer itself, whose gradient goes to ``grads``. Fills ``logp`` (and ``ent``) at the
+    written into the chunk buffer itself (with the entropy term when ``ent_coef`` is given), whose gradient goes to
+    ``grads``. Fills ``logp`` (and ``ent``) at the
     chunk's rows when given. The ids were validated by the caller (``check_ids=False``)."""
     keep = torch.ones(1, min(plan.chunk, max(plan.rows.numel(), 1)), dtype=torch.bool, device=h2.device)
     with torch.no_grad():
@@ -226,8 +230,9 @@ def _chunk_pass(plan: ChunkPlan, h2: Tensor, y2: Tensor, w: Tensor, b: Optional[
             if coef is None:
                 lp, _, h = _ops.kernel_fwd(impl, z, yk, mk, tau, ent is not None, check_ids=False)
             else:
+                ec = None if ent_coef is None else ent_coef[idx].unsqueeze(0).contiguous()
                 lp, _, h, g = _ops.kernel_fwd_grad(impl, z, yk, mk, coef[idx].unsqueeze(0).contiguous(), tau,
-                                                   ent is not None, out=z, check_ids=False)
+                                                   ent is not None, out=z, check_ids=False, ent_coef=ec)
                 grads.add(g[0], hc, w, idx, first)
             if logp is not None:
                 logp[idx] = lp[0]
@@ -246,6 +251,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            bias: Optional[Tensor] = None,  # (V,)
                            old_logprobs: Optional[Tensor] = None,
                            ref_logprobs: Optional[Tensor] = None,
+                           sampling_logprobs: Optional[Tensor] = None,
                            advantages: Optional[Tensor] = None,
                            num_items_in_batch=None,
                            loss_scale: float = 1.0,
@@ -267,7 +273,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         mask: ``(S, T)`` optional completion mask.
         group_size: responses per prompt, G.
         bias: optional ``(V,)`` LM-head bias.
-        old_logprobs, ref_logprobs, advantages, num_items_in_batch, return_metrics: as in
+        old_logprobs, ref_logprobs, sampling_logprobs, advantages, num_items_in_batch, return_metrics: as in
             :func:`grpo_kernels.grpo_loss`.
         loss_scale: as in :func:`grpo_kernels.grpo_loss` (pass ``1/k`` under gradient accumulation: the
             gradients computed in the forward then need no rescaling in the backward).
@@ -290,8 +296,9 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
         >>> loss = fused_linear_grpo_loss(hidden, model.lm_head.weight, tokens, rewards, mask, group_size=8)
     """
     opts = LossOptions.from_kwargs("fused_linear_grpo_loss", options)
-    data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-                num_items_in_batch=num_items_in_batch, loss_scale=loss_scale)
+    data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                sampling_logprobs=sampling_logprobs, advantages=advantages, num_items_in_batch=num_items_in_batch,
+                loss_scale=loss_scale)
     _check_linear_args(hidden, weight, bias, chunk_size)
     S, T, H = hidden.shape
     V = weight.shape[0]
@@ -309,18 +316,28 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     b = None if bias is None else bias.detach()
     tau = float(opts.temperature)
     logp = torch.zeros(S * T, dtype=acc, device=hidden.device)
-    ent = torch.zeros(S * T, dtype=acc, device=hidden.device) if return_metrics else None
+    with_entropy = return_metrics or opts.needs_entropy
+    ent = torch.zeros(S * T, dtype=acc, device=hidden.device) if with_entropy else None
 
     if not plan.one_phase:  # phase 1 (forward only): every kept token's log-prob
         _chunk_pass(plan, h2, y2, w, b, impl, tau, logp, ent)
     grads = None
     if plan.need_grad:
-        # one phase: c does not depend on ℓ (taken at ℓ = 0); two phases: c at the log-probs of phase 1
-        coef = _ref.logprob_coefficients(m, rewards, opts, at=None if plan.one_phase else logp.view(S, T), **data)
+        # one phase: c (and c_H) do not depend on ℓ, H (taken at 0); two phases: at the log-probs of phase 1
+        at = None if plan.one_phase else logp.view(S, T)
+        at_h = None if (plan.one_phase or ent is None) else ent.view(S, T)
+        ent_coef = None
+        if opts.entropy_coef != 0:  # the entropy bonus: its gradient is written by the same kernel call
+            coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, at=at, entropy=at_h, with_entropy=True,
+                                                       **data)
+            ent_coef = ent_coef.reshape(-1).to(acc)
+        else:
+            coef = _ref.logprob_coefficients(m, rewards, opts, at=at, entropy=at_h, **data)
         acc_grads = _Accumulators(hidden, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
         # the log-probs (and entropy) come from this loop only in the one-phase schedule
         _chunk_pass(plan, h2, y2, w, b, impl, tau, logp if plan.one_phase else None,
-                    ent if plan.one_phase else None, coef=coef.reshape(-1).to(acc), grads=acc_grads)
+                    ent if plan.one_phase else None, coef=coef.reshape(-1).to(acc), ent_coef=ent_coef,
+                    grads=acc_grads)
         grads = acc_grads.results()
 
     out = _ref.loss_from_logprobs(logp.view(S, T), m, rewards, opts, return_metrics=return_metrics,
@@ -343,8 +360,8 @@ class FusedLinearGRPOLoss(OptionsModule):
         >>> loss = crit(hidden, lm_head.weight, tokens, rewards, mask, bias=lm_head.bias)
     """
 
-    _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, advantages=None, num_items_in_batch=None,
-                          loss_scale=1.0, return_metrics=False, backend="auto", chunk_size=None,
+    _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
+                          num_items_in_batch=None, loss_scale=1.0, return_metrics=False, backend="auto", chunk_size=None,
                           grad_weight_accumulation="auto")
 
     def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor, rewards: Optional[Tensor],

@@ -30,7 +30,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
               group_size: int,
               old_logprobs: Optional[Tensor] = None,  # (S, T)
               ref_logprobs: Optional[Tensor] = None,  # (S, T)
-              advantages: Optional[Tensor] = None,  # (S,)
+              sampling_logprobs: Optional[Tensor] = None,  # (S, T)
+              advantages: Optional[Tensor] = None,  # (S,) or (S, T)
               num_items_in_batch=None,
               loss_scale: float = 1.0,
               return_metrics: bool = False,
@@ -50,17 +51,23 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
         group_size: G, responses per prompt.
         old_logprobs / ref_logprobs: ``(S, T)`` log-probs of the behaviour policy / reference model (the
             reference's are used only with ``kl_coef != 0``; a warning says so otherwise).
-        advantages: ``(S,)`` precomputed advantages instead of rewards (clipped types).
-        num_items_in_batch: dapo normalizer (default: valid tokens in this batch).
+        sampling_logprobs: ``(S, T)`` log-probs the inference engine (vLLM, SGLang) reported while sampling: the
+            input of the rollout/trainer mismatch correction (``vllm_importance_sampling_*``) and of off-policy
+            masking (``off_policy_mask_threshold``). NaN marks a token the engine could not score.
+        advantages: ``(S,)`` precomputed advantages instead of rewards, or ``(S, T)`` per-token advantages
+            (process rewards), for every loss type but softmax.
+        num_items_in_batch: the token-mean normalizer of dapo/cispo/vespo and ``loss_agg_mode="token-mean"``
+            (default: valid tokens in this batch).
         loss_scale: multiplies the returned loss (and so its gradient); metrics are not scaled. Under gradient
             accumulation over ``k`` micro-batches pass ``loss_scale=1/k`` and call ``loss.backward()`` instead
             of ``(loss / k).backward()``: the one-pass path computes the gradient already scaled during the
             forward, so its backward has nothing left to do, while a ``grad_output != 1`` costs one more pass
             over the ``[S, T, V]`` gradient (a read and a write) and, for half-precision logits, a second
             rounding of it.
-        return_metrics: also return a dict of detached 0-dim tensors: ``kl``, ``entropy``,
-            ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``logprob``,
-            ``num_tokens``.
+        return_metrics: also return a dict of detached 0-dim tensors with TRL's names (docs/design.md §4):
+            ``kl``, ``entropy``, ``clip_ratio/low_mean|high_mean|region_mean|low_min|high_max``,
+            ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss`` (with an entropy bonus), the
+            ``sampling/...`` statistics of the engine correction, ``logprob``, ``num_tokens``.
         backend: ``"auto"`` (fastest available for the logits' device), ``"torch"`` (eager PyTorch),
             ``"triton"``, ``"cuda"`` or ``"cpu"``.
         inplace_backward: the gradient is written into the logits' own storage instead of a new ``[S, T, V]``
@@ -87,7 +94,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
     """
     opts = LossOptions.from_kwargs("grpo_loss", options)
     return _grpo_loss(logits, tokens, rewards, mask, opts, group_size=group_size, old_logprobs=old_logprobs,
-                      ref_logprobs=ref_logprobs, advantages=advantages, num_items_in_batch=num_items_in_batch,
+                      ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, advantages=advantages,
+                      num_items_in_batch=num_items_in_batch,
                       loss_scale=loss_scale, return_metrics=return_metrics, backend=backend,
                       inplace_backward=inplace_backward)
 
@@ -106,19 +114,26 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
     check_ids = _ops.check_ids_in_op()  # the ids were validated above (in eager mode)
     tau = opts.temperature
     m = _ref.effective_mask(tokens, mask, _ref.accumulation_dtype(logits.dtype))
+    with_entropy = return_metrics or opts.needs_entropy
     if (logits.requires_grad and torch.is_grad_enabled() and not _v._is_compiling() and _ops.supports_one_pass(impl)
             and _ref.coefficients_are_constant(opts, old_logprobs=data["old_logprobs"],
-                                               ref_logprobs=data["ref_logprobs"])):
-        # One pass: ∂loss/∂ℓ is known before the forward, so the kernel writes the gradient while it reads.
-        coef = _ref.logprob_coefficients(m, rewards, opts, **data)
+                                               ref_logprobs=data["ref_logprobs"],
+                                               sampling_logprobs=data["sampling_logprobs"])):
+        # One pass: ∂loss/∂ℓ (and ∂loss/∂H of a constant entropy bonus) is known before the forward, so the kernel
+        # writes the gradient while it reads.
+        ent_coef = None
+        if opts.entropy_coef != 0:
+            coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, with_entropy=True, **data)
+        else:
+            coef = _ref.logprob_coefficients(m, rewards, opts, **data)
 
         def value_fn(logp, ent):
             return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent,
                                            **data)
 
-        return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, tau, return_metrics, impl,
-                                  check_ids=check_ids, inplace=inplace_backward)
-    logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, tau, return_metrics, impl,
+        return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, tau, with_entropy, impl,
+                                  check_ids=check_ids, inplace=inplace_backward, ent_coef=ent_coef)
+    logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, tau, with_entropy, impl,
                                           inplace_backward=inplace_backward, check_ids=check_ids)
     return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent, **data)
 
@@ -198,7 +213,8 @@ class GRPOLoss(OptionsModule):
         >>> loss = crit(logits, tokens, rewards, mask)
     """
 
-    _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, advantages=None, num_items_in_batch=None,
+    _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
+                          num_items_in_batch=None,
                           loss_scale=1.0, return_metrics=False, backend="auto", inplace_backward=False)
 
     def forward(self, logits: Tensor, tokens: Tensor, rewards: Optional[Tensor], mask: Optional[Tensor] = None,

@@ -24,10 +24,16 @@ from typing import Any, Dict, Optional
 
 from . import validation as _v
 
-LOSS_TYPES = ("softmax", "grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("softmax", "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+#: The loss types driven by advantages and importance ratios (every type but the lesson's softmax).
 CLIPPED_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t != "softmax")
+#: The loss types whose normalizer is ``num_items_in_batch`` when given (TRL's cispo/dapo/vespo).
+ITEMS_NORMALIZED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+#: verl's ``loss_agg_mode`` values (docs/design.md §4).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 #: The softmax-weight temperature ``beta`` when ``loss_type="softmax"`` and none is given (the lesson's 0.1).
 DEFAULT_SOFTMAX_BETA = 0.1
@@ -46,8 +52,9 @@ class LossOptions:
     :meth:`validate` (the public functions do), change with :meth:`replace`."""
 
     loss_type: str = _opt("softmax", "``\"softmax\"`` (the lesson's ``−Σ softmax(r/β)·L`` per group; default), "
-                                     "``\"grpo\"``, ``\"bnpo\"``, ``\"dr_grpo\"`` or ``\"dapo\"`` (the clipped "
-                                     "surrogate with different normalizers).")
+                                     "``\"grpo\"``, ``\"bnpo\"``, ``\"dr_grpo\"``, ``\"dapo\"`` (the clipped "
+                                     "surrogate with different normalizers), ``\"cispo\"``, ``\"sapo\"``, "
+                                     "``\"luspo\"`` or ``\"vespo\"`` (docs/design.md §4).")
     beta: Optional[float] = _opt(None, "temperature of the softmax group weights, ``loss_type=\"softmax\"`` only "
                                        "(None = 0.1). Not TRL's ``beta``: the KL coefficient is ``kl_coef``; "
                                        "passing ``beta`` with any other loss type is an error.")
@@ -60,8 +67,37 @@ class LossOptions:
                                        "``\"batch\"`` (by the std of all rewards) or ``\"none\"`` (Dr. GRPO).")
     importance_sampling_level: str = _opt("token", "``\"token\"`` ratios, or ``\"sequence\"`` (GSPO: one "
                                                    "length-normalized ratio per sequence).")
-    max_completion_length: Optional[int] = _opt(None, "the ``dr_grpo`` normalizer ``S · L`` uses this L "
-                                                      "(None = T, the completion dimension).")
+    max_completion_length: Optional[int] = _opt(None, "the ``dr_grpo`` normalizer ``S · L`` (and verl's "
+                                                      "``seq-mean-token-sum-norm``) uses this L (None = T, the "
+                                                      "completion dimension).")
+    use_bias_correction_kl: bool = _opt(True, "multiply the k3 KL by the importance ratio ρ (DeepSeek-V3.2; TRL's "
+                                              "default), clipped loss types only: changes the KL gradient even "
+                                              "on-policy.")
+    sapo_temperature_pos: float = _opt(1.0, "``sapo``: gate temperature for tokens with advantage > 0.")
+    sapo_temperature_neg: float = _opt(1.05, "``sapo``: gate temperature for tokens with advantage ≤ 0.")
+    vespo_k_pos: float = _opt(2.0, "``vespo``: power k of the Gamma weight for advantage ≥ 0.")
+    vespo_lambda_pos: float = _opt(3.0, "``vespo``: decay λ of the Gamma weight for advantage ≥ 0.")
+    vespo_k_neg: float = _opt(3.0, "``vespo``: power k of the Gamma weight for advantage < 0.")
+    vespo_lambda_neg: float = _opt(2.0, "``vespo``: decay λ of the Gamma weight for advantage < 0.")
+    entropy_coef: float = _opt(0.0, "entropy bonus: the loss gets ``− entropy_coef · (token mean of H)`` over the "
+                                    "tokens the policy loss acts on (gradient through the kernels); 0 = off.")
+    top_entropy_quantile: float = _opt(1.0, "policy loss only on the top ``ρ`` fraction of tokens by entropy "
+                                            "(threshold: the ``1 − ρ`` quantile of the unmasked entropies); 1 = all.")
+    off_policy_mask_threshold: Optional[float] = _opt(None, "drop sequences with advantage < 0 whose mean "
+                                                            "``sampling − ℓ`` log-prob gap exceeds this (DeepSeek-V3.2 "
+                                                            "off-policy masking); None = off.")
+    vllm_importance_sampling_correction: bool = _opt(True, "when ``sampling_logprobs`` (the inference engine's) "
+                                                           "are given, weight the policy loss by the truncated or "
+                                                           "masked ratio ``exp(ℓ_old − ℓ_sampling)``.")
+    vllm_importance_sampling_mode: str = _opt("sequence_mask", "``\"token_truncate\"``, ``\"token_mask\"``, "
+                                                               "``\"sequence_truncate\"`` or ``\"sequence_mask\"`` "
+                                                               "(TRL's default).")
+    vllm_importance_sampling_clip_min: Optional[float] = _opt(None, "lower bound C_min of that ratio (None = none).")
+    vllm_importance_sampling_clip_max: Optional[float] = _opt(3.0, "upper bound C_max of that ratio (None = none).")
+    loss_agg_mode: Optional[str] = _opt(None, "verl's aggregation of the per-token loss, replacing the loss "
+                                              "type's normalizer: ``\"token-mean\"``, ``\"seq-mean-token-sum\"``, "
+                                              "``\"seq-mean-token-mean\"`` or ``\"seq-mean-token-sum-norm\"``; "
+                                              "None = the loss type's own.")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -73,6 +109,16 @@ class LossOptions:
     def upper_epsilon(self) -> float:
         """``epsilon_high``, or ``epsilon`` when unset."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss value itself depends on the per-token entropy (the bonus or the entropy mask)."""
+        return self.entropy_coef != 0 or self.top_entropy_quantile < 1.0
+
+    @property
+    def sequence_level_is_correction(self) -> bool:
+        """Whether the inference-engine correction uses one ratio per sequence."""
+        return self.vllm_importance_sampling_mode.startswith("sequence")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -117,13 +163,49 @@ class LossOptions:
                                  f"loss_type={self.loss_type!r}")
             _v.check_positive_number("beta", self.beta)
         _v.check_positive_number("temperature", self.temperature)
-        if isinstance(self.kl_coef, bool) or not isinstance(self.kl_coef, (int, float)) \
-                or not math.isfinite(self.kl_coef):
-            raise TypeError(f"kl_coef must be a finite number, got {self.kl_coef!r}")
+        _check_finite("kl_coef", self.kl_coef)
         _v.check_positive_number("epsilon", self.epsilon, allow_zero=True)
         _v.check_positive_number("epsilon_high", self.epsilon_high, allow_zero=True, allow_none=True)
         _v.check_positive_number("delta", self.delta, allow_none=True)
         _v.check_int("max_completion_length", self.max_completion_length, minimum=1, allow_none=True)
+        _check_bool("use_bias_correction_kl", self.use_bias_correction_kl)
+        _check_bool("vllm_importance_sampling_correction", self.vllm_importance_sampling_correction)
+        _v.check_positive_number("sapo_temperature_pos", self.sapo_temperature_pos)
+        _v.check_positive_number("sapo_temperature_neg", self.sapo_temperature_neg)
+        for side in ("pos", "neg"):
+            _v.check_positive_number(f"vespo_k_{side}", getattr(self, f"vespo_k_{side}"), allow_zero=True)
+            _v.check_positive_number(f"vespo_lambda_{side}", getattr(self, f"vespo_lambda_{side}"))
+        _check_finite("entropy_coef", self.entropy_coef)
+        _check_finite("top_entropy_quantile", self.top_entropy_quantile)
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1] (the fraction of tokens, by entropy, that the "
+                             f"policy loss keeps; 1 = all), got {self.top_entropy_quantile}")
+        _v.check_positive_number("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_zero=True,
+                                 allow_none=True)
+        _v.check_choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IMPORTANCE_SAMPLING_MODES)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        _v.check_positive_number("vllm_importance_sampling_clip_min", lo, allow_zero=True, allow_none=True)
+        _v.check_positive_number("vllm_importance_sampling_clip_max", hi, allow_zero=True, allow_none=True)
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+        if self.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError("vllm_importance_sampling_mode="
+                             f"{self.vllm_importance_sampling_mode!r} needs vllm_importance_sampling_clip_min or "
+                             "vllm_importance_sampling_clip_max (both are None)")
+        if self.loss_agg_mode is not None:
+            _v.check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        if self.loss_type == "softmax":
+            if self.loss_agg_mode is not None:
+                raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r} aggregates the per-token loss of the clipped "
+                                 "family; loss_type='softmax' has its own (−Σ w·L per group)")
+            if self.off_policy_mask_threshold is not None:
+                raise ValueError("off_policy_mask_threshold masks sequences by their advantage; loss_type='softmax' "
+                                 "has none (use a clipped loss type)")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type='luspo' is the length-scaled sequence-level (GSPO) loss: it needs "
+                             "importance_sampling_level='sequence', got "
+                             f"{self.importance_sampling_level!r} (TRL only warns here)")
         return self
 
     @classmethod
@@ -137,6 +219,16 @@ class LossOptions:
 
 _NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
 
 
 def _same(a, b) -> bool:

@@ -194,14 +194,16 @@ def check_temperature(temperature, dtype: torch.dtype) -> None:
                          f"{acc} (the logits are divided by it)")
 
 
-def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optional[DeviceChecks] = None) -> None:
+def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optional[DeviceChecks] = None,
+                       shapes: Optional[str] = None) -> None:
     check_tensor(name, t, device=device)
     if t.dtype.is_complex:
         raise TypeError(f"{name} must be real-valued, got {t.dtype}")
     if t.dim() == 2 and t.shape[-1] == 1:
         pass
     elif t.dim() != 1:
-        raise ValueError(f"{name} must have shape ({num_sequences},) (one value per sequence), got {tuple(t.shape)}")
+        expected = shapes or f"({num_sequences},) (one value per sequence)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
     if t.shape[0] != num_sequences:
         raise ValueError(f"{name} must have one value per sequence: expected length {num_sequences} "
                          f"(= logits.shape[0]), got {t.shape[0]}")
@@ -214,13 +216,16 @@ def check_rewards_like(name: str, t, num_sequences: int, device, checks: Optiona
 
 def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int, num_classes: int, device, dtype,
                     tokens, rewards, mask, group_size, old_logprobs, ref_logprobs, advantages, num_items_in_batch,
-                    loss_scale=1.0) -> None:
+                    loss_scale=1.0, sampling_logprobs=None) -> None:
     """Validate the options and everything ``grpo_loss`` takes except the logits themselves (``check_logits``).
 
     ``num_sequences``/``seq_len``/``num_classes`` are S, T, V and ``dtype`` the dtype of the logits (or of
     hidden/weight). The content checks (token ids, finite rewards/advantages/mask, finite old/reference
-    log-probs at the positions that count) cost one device-to-host transfer in all.
+    log-probs at the positions that count, no ±inf in the sampling log-probs) cost one device-to-host transfer in
+    all.
     """
+    from .options import ITEMS_NORMALIZED_LOSS_TYPES
+
     options.validate()
     check_temperature(options.temperature, dtype)
     loss_type = options.loss_type
@@ -236,43 +241,89 @@ def check_loss_args(options: "LossOptions", *, num_sequences: int, seq_len: int,
                                  f"got shape {tuple(num_items_in_batch.shape)}")
         else:
             check_positive_number("num_items_in_batch", num_items_in_batch)
-        if loss_type != "dapo":
-            raise ValueError(f"num_items_in_batch is only used by loss_type='dapo', got loss_type={loss_type!r}")
+        agg = options.loss_agg_mode
+        if not (agg == "token-mean" or (agg is None and loss_type in ITEMS_NORMALIZED_LOSS_TYPES)):
+            raise ValueError("num_items_in_batch is the token-mean normalizer: it is used by loss_type in "
+                             f"{ITEMS_NORMALIZED_LOSS_TYPES} or loss_agg_mode='token-mean', got "
+                             f"loss_type={loss_type!r}, loss_agg_mode={agg!r}")
     if ref_logprobs is not None and options.kl_coef == 0:
         warnings.warn("reference log-probs are ignored because kl_coef is 0 (the KL coefficient, TRL's `beta`)",
                       UserWarning, stacklevel=4)
+    if sampling_logprobs is not None:
+        if loss_type == "softmax":
+            raise ValueError("sampling_logprobs= (the inference engine's log-probs) feed the importance-sampling "
+                             "correction and off-policy masking of the advantage-weighted loss types; "
+                             "loss_type='softmax' does not use them")
+        if not options.vllm_importance_sampling_correction and options.off_policy_mask_threshold is None:
+            warnings.warn("sampling_logprobs are ignored: vllm_importance_sampling_correction is False and "
+                          "off_policy_mask_threshold is None", UserWarning, stacklevel=4)
+        if (loss_type == "vespo" and options.vllm_importance_sampling_correction
+                and options.sequence_level_is_correction):
+            raise ValueError("loss_type='vespo' takes the engine ratio per token inside its sequence weight: "
+                             "vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask', got "
+                             f"{options.vllm_importance_sampling_mode!r}")
 
     shape = (num_sequences, seq_len)
     checks = DeviceChecks()  # the content checks of tokens, rewards and advantages: one host sync in all
     check_tokens(tokens, shape, num_classes, device, checks=checks)
     check_mask(mask, shape, device, checks=checks)
+    counts = None  # the positions that count: unmasked, token != -100
+
+    def counting():
+        nonlocal counts
+        if counts is None:
+            counts = tokens != IGNORE_INDEX
+            if mask is not None:
+                counts = counts & (mask != 0)
+        return counts
+
     if advantages is not None:
         if loss_type == "softmax":
-            raise ValueError("advantages= is only used by the clipped loss types (grpo, bnpo, dr_grpo, dapo); "
-                             "loss_type='softmax' weights sequences by softmax(rewards/beta): pass rewards")
-        check_rewards_like("advantages", advantages, num_sequences, device, checks=checks)
-        if not advantages.is_floating_point():
-            raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+            raise ValueError("advantages= is only used by the advantage-weighted loss types (every loss_type but "
+                             "'softmax'); loss_type='softmax' weights sequences by softmax(rewards/beta): pass rewards")
+        if isinstance(advantages, torch.Tensor) and advantages.dim() == 2 and advantages.shape[-1] != 1:
+            check_tensor("advantages", advantages, shape=shape, device=device)  # per-token advantages
+            if not advantages.is_floating_point():
+                raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+            _check_finite_where_counted("advantages", advantages, counting, checks)
+        else:
+            check_rewards_like("advantages", advantages, num_sequences, device, checks=checks,
+                               shapes=f"({num_sequences},) or ({num_sequences}, {seq_len})")
+            if not advantages.is_floating_point():
+                raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
         if rewards is not None:
             check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
     else:
         if rewards is None:
-            raise TypeError("rewards must be a tensor of shape (S,) (or pass advantages= for a clipped loss type)")
+            raise TypeError("rewards must be a tensor of shape (S,) (or pass advantages= for an advantage-weighted "
+                            "loss type)")
         check_rewards_like("rewards", rewards, num_sequences, device, checks=checks)
-    counts = None  # the positions that count: unmasked, token != -100
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         check_tensor(name, t, shape=shape, floating=True, device=device, allow_none=True)
-        if t is not None and t.numel() and not _is_compiling():
-            if counts is None:
-                counts = tokens != IGNORE_INDEX
-                if mask is not None:
-                    counts = counts & (mask != 0)
-            bad = counts & ~torch.isfinite(t.detach())
+        if t is not None:
+            _check_finite_where_counted(name, t, counting, checks)
+    check_tensor("sampling_logprobs", sampling_logprobs, shape=shape, floating=True, device=device, allow_none=True)
+    if sampling_logprobs is not None and sampling_logprobs.numel() and not _is_compiling():
+        t = sampling_logprobs
+        bad = counting() & torch.isinf(t.detach())
 
-            def fail(name=name, t=t, bad=bad):
-                s, p = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(f"{name} must be finite at the positions that count (unmasked, token != "
-                                 f"{IGNORE_INDEX}); found {t[s, p].item()} at [{s}, {p}]")
+        def fail(t=t, bad=bad):
+            s, p = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"sampling_logprobs must be finite at the positions that count (NaN = a token the "
+                             f"engine could not score, which is allowed); found {t[s, p].item()} at [{s}, {p}]")
 
-            checks.add(bad.any(), fail)
+        checks.add(bad.any(), fail)
     checks.run()
+
+
+def _check_finite_where_counted(name: str, t, counting, checks: DeviceChecks) -> None:
+    if not t.numel() or _is_compiling():
+        return
+    bad = counting() & ~torch.isfinite(t.detach())
+
+    def fail():
+        s, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite at the positions that count (unmasked, token != "
+                         f"{IGNORE_INDEX}); found {t[s, p].item()} at [{s}, {p}]")
+
+    checks.add(bad.any(), fail)

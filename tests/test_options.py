@@ -26,6 +26,24 @@ NON_DEFAULT = {
     "scale_rewards": ("none", {"loss_type": "grpo", "old": True}),
     "importance_sampling_level": ("sequence", {"loss_type": "grpo", "old": True}),
     "max_completion_length": (50, {"loss_type": "dr_grpo"}),
+    "use_bias_correction_kl": (False, {"loss_type": "grpo", "old": True, "ref": True, "opts": {"kl_coef": 0.3}}),
+    "sapo_temperature_pos": (3.0, {"loss_type": "sapo", "old": True}),
+    "sapo_temperature_neg": (3.0, {"loss_type": "sapo", "old": True}),
+    "vespo_k_pos": (0.5, {"loss_type": "vespo", "old": True}),
+    "vespo_lambda_pos": (0.5, {"loss_type": "vespo", "old": True}),
+    "vespo_k_neg": (0.5, {"loss_type": "vespo", "old": True}),
+    "vespo_lambda_neg": (0.5, {"loss_type": "vespo", "old": True}),
+    "entropy_coef": (0.1, {"loss_type": "grpo"}),
+    "top_entropy_quantile": (0.5, {"loss_type": "grpo"}),
+    "off_policy_mask_threshold": (0.0, {"loss_type": "grpo", "old": True, "sampling": True,
+                                        "opts": {"vllm_importance_sampling_correction": False}}),
+    "vllm_importance_sampling_correction": (False, {"loss_type": "grpo", "old": True, "sampling": True}),
+    "vllm_importance_sampling_mode": ("token_truncate", {"loss_type": "grpo", "old": True, "sampling": True}),
+    "vllm_importance_sampling_clip_min": (0.97, {"loss_type": "grpo", "old": True, "sampling": True,
+                                                 "opts": {"vllm_importance_sampling_mode": "token_truncate"}}),
+    "vllm_importance_sampling_clip_max": (1.02, {"loss_type": "grpo", "old": True, "sampling": True,
+                                                 "opts": {"vllm_importance_sampling_mode": "token_truncate"}}),
+    "loss_agg_mode": ("seq-mean-token-sum", {"loss_type": "grpo"}),
 }
 
 
@@ -123,9 +141,13 @@ def test_each_option_reaches_the_math_through_every_entry_point(name):
     value, ctx = NON_DEFAULT[name]
     hidden, weight, logits, tokens, mask, rewards, old, refl = _problem()
     base = {"loss_type": ctx.get("loss_type", "softmax")} if name != "loss_type" else {}
+    base.update(ctx.get("opts", {}))
     data = {}
     if ctx.get("old"):
         data["old_logprobs"] = old
+    if ctx.get("sampling"):
+        data["sampling_logprobs"] = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5),
+                                                             dtype=old.dtype)
     if ctx.get("ref") or name == "kl_coef":
         data["ref_logprobs"] = refl
     with warnings.catch_warnings():

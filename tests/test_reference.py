@@ -26,7 +26,7 @@ def _lse(z):
 
 def independent_loss(logits, tokens, rewards, mask, G, *, loss_type="softmax", beta=0.1, temperature=1.0,
                      old=None, refl=None, kl_coef=0.0, eps=0.2, eps_high=None, delta=None, scale="group",
-                     adv=None, max_len=None, n_items=None, level="token"):
+                     adv=None, max_len=None, n_items=None, level="token", kl_ratio=False):
     S, T, V = logits.shape
     eps_high = eps if eps_high is None else eps_high
     m = [[float(tokens[s, t] != -100 and (mask is None or mask[s, t] != 0)) for t in range(T)] for s in range(S)]
@@ -93,7 +93,8 @@ def independent_loss(logits, tokens, rewards, mask, G, *, loss_type="softmax", b
             rho = torch.exp(lr)
             rho1 = torch.clamp(rho, max=delta) if delta is not None else rho
             clipped = torch.clamp(rho, 1 - eps, 1 + eps_high)
-            per[s][t] = -torch.minimum(rho1 * A[s], clipped * A[s]) + (kl_coef * kl(s, t) if refl is not None else 0)
+            k = kl(s, t) * (rho if kl_ratio else 1.0)  # DeepSeek-V3.2's bias correction: KL times the ratio
+            per[s][t] = -torch.minimum(rho1 * A[s], clipped * A[s]) + (kl_coef * k if refl is not None else 0)
     if loss_type == "grpo":
         return sum(sum(m[s][t] * per[s][t] for t in range(T)) / max(sum(m[s]), 1) for s in range(S)) / S
     total = sum(m[s][t] * per[s][t] for s in range(S) for t in range(T))
@@ -198,6 +199,8 @@ CASES = [
     dict(use_old=True, level="sequence"),
     dict(scale="batch", use_old=True),
     dict(scale="none", use_ref=True, kl_coef=0.2),
+    dict(use_ref=True, kl_coef=0.1, bias=True),  # on-policy: the ratio has value 1 but gradient 1
+    dict(use_old=True, use_ref=True, kl_coef=0.05, bias=True, level="sequence"),
 ]
 
 
@@ -216,7 +219,8 @@ def test_against_independent_formulation(loss_type, case, impl):
     kw = dict(loss_type=loss_type, beta=0.3 if loss_type == "softmax" else None, temperature=c.get("temperature", 1.0),
               old_logprobs=old if c.get("use_old") else None, ref_logprobs=refl if c.get("use_ref") else None,
               kl_coef=c.get("kl_coef", 0.0), epsilon=0.2, epsilon_high=c.get("eps_high"), delta=c.get("delta"),
-              scale_rewards=c.get("scale", "group"), importance_sampling_level=c.get("level", "token"))
+              scale_rewards=c.get("scale", "group"), importance_sampling_level=c.get("level", "token"),
+              use_bias_correction_kl=c.get("bias", False))
     if loss_type == "dr_grpo":
         kw["max_completion_length"] = 7
     if loss_type == "dapo" and case % 2:
@@ -234,7 +238,8 @@ def test_against_independent_formulation(loss_type, case, impl):
                               temperature=kw["temperature"], old=kw["old_logprobs"], refl=kw["ref_logprobs"],
                               kl_coef=kw["kl_coef"], eps=0.2, eps_high=kw["epsilon_high"], delta=kw["delta"],
                               scale=kw["scale_rewards"], max_len=kw.get("max_completion_length"),
-                              n_items=kw.get("num_items_in_batch"), level=kw["importance_sampling_level"])
+                              n_items=kw.get("num_items_in_batch"), level=kw["importance_sampling_level"],
+                              kl_ratio=kw["use_bias_correction_kl"] and loss_type != "softmax")
     theirs.backward()
     assert abs(ours.item() - theirs.item()) <= 1e-9
     torch.testing.assert_close(lg1.grad, lg2.grad, atol=1e-9, rtol=0)
@@ -283,8 +288,9 @@ def test_metrics_values():
     assert met["logprob"].item() == pytest.approx((lp * m).sum().item() / n.item(), abs=1e-12)
     assert met["entropy"].item() == pytest.approx((ent * m).sum().item() / n.item(), abs=1e-12)
     d = torch.where(m > 0, refl, 0) - torch.where(m > 0, lp, 0)
-    assert met["kl"].item() == pytest.approx(((d.exp() - d - 1) * m).sum().item() / n.item(), abs=1e-12)
     ratio = torch.exp(torch.where(m > 0, lp - old, 0))
+    # the KL as it enters the loss: bias-corrected by the ratio (use_bias_correction_kl, TRL's default)
+    assert met["kl"].item() == pytest.approx(((d.exp() - d - 1) * ratio * m).sum().item() / n.item(), abs=1e-12)
     A = gk.group_advantages(rewards, 3)[:, None]
     low = ((ratio < 0.8) & (A < 0)).double()
     high = ((ratio > 1.2) & (A > 0)).double()

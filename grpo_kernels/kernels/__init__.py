@@ -34,9 +34,12 @@ The contract (every module implements all of it):
     and dtype, unit vocabulary stride, possibly the logits themselves: each row is read before it is
     overwritten); rows with ``mask == False`` are exactly zero. ``grad_entropy`` may be None. The autograd
     backward passes ``check_ids=False``: it trusts the ids its forward saw.
-``logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=None, check_ids=True)``
+``logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=None, check_ids=True, ent_coef=None)``
     ``-> (logp, lse, entropy, grad)``: the one-pass schedule: the forward outputs plus
     ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ`` for an up-front ``coef (S, T)`` (fp32, fp64 for fp64 logits),
+    plus ``− ent_coef[s,t]·p_v·(z_v/τ − (lse − H))/τ`` when ``ent_coef (S, T)`` (same dtype) is given -- the
+    backward's formula with ``g_ℓ = coef``, ``g_H = ent_coef``; the entropy is then computed and returned whatever
+    ``with_entropy`` says (:func:`check_ent_coef` checks the argument),
     reading each unmasked row once (a second, cache-hot read of the same row is allowed) and writing the
     gradient once, into ``out`` when given (which may be the logits themselves). Used when ``coef = ∂loss/∂ℓ``
     does not depend on ℓ (:func:`grpo_kernels.reference.coefficients_are_constant`).
@@ -172,3 +175,16 @@ def check_out(out: torch.Tensor, logits: torch.Tensor) -> None:
     if not same and out.numel() and logits.numel() and \
             out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
         raise ValueError("out may be the logits tensor itself or a separate tensor, not another view of the logits")
+
+
+def check_ent_coef(ent_coef: torch.Tensor, logits: torch.Tensor) -> None:
+    """The ``ent_coef=`` of ``logprobs_fwd_grad``: a contiguous ``(S, T)`` tensor in the accumulation dtype of the
+    logits (fp32; fp64 for fp64 logits) on their device."""
+    S, T = logits.shape[0], logits.shape[1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if not isinstance(ent_coef, torch.Tensor) or tuple(ent_coef.shape) != (S, T) or ent_coef.dtype != acc \
+            or ent_coef.device != logits.device or not ent_coef.is_contiguous():
+        raise ValueError(f"ent_coef must be a contiguous ({S}, {T}) {acc} tensor on {logits.device}; got "
+                         + (f"shape {tuple(ent_coef.shape)}, dtype {ent_coef.dtype}, device {ent_coef.device}, "
+                            f"contiguous={ent_coef.is_contiguous()}" if isinstance(ent_coef, torch.Tensor)
+                            else type(ent_coef).__name__))

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference as _ref
-from . import check_out, check_token_ids
+from . import check_ent_coef, check_out, check_token_ids
 
 Tensor = torch.Tensor
 
@@ -105,8 +105,11 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
 
 
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, out: Optional[Tensor] = None,
-                      check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      with_entropy: bool, out: Optional[Tensor] = None, check_ids: bool = True,
+                      ent_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if ent_coef is not None:
+        check_ent_coef(ent_coef, logits)
+        with_entropy = True
     logp, lse, ent = logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=check_ids)
-    grad = logprobs_bwd(coef, None, logits, tokens, mask, lse, ent, temperature, out=out, check_ids=False)
+    grad = logprobs_bwd(coef, ent_coef, logits, tokens, mask, lse, ent, temperature, out=out, check_ids=False)
     return logp, lse, ent, grad

@@ -7,7 +7,7 @@ traces through them, ``fullgraph=True`` included) and autograd; ``torch.library.
     ``-> (logp, lse, entropy)``; differentiable (its backward is ``logprobs_bwd`` / ``logprobs_bwd_inplace``).
 ``grpo_kernels::logprobs_bwd(...)`` / ``grpo_kernels::logprobs_bwd_inplace(...)``
     the two-pass backward, into a new buffer or into the logits' own storage.
-``grpo_kernels::logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids)``
+``grpo_kernels::logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids, ent_coef)``
     the one-pass forward + gradient (see :func:`one_pass_loss`); ``grpo_kernels::logprobs_fwd_grad_inplace``
     writes that gradient over the logits (``inplace_backward=True``).
 
@@ -48,12 +48,14 @@ def kernel_fwd(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, tempe
 
 
 def kernel_fwd_grad(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                    with_entropy: bool, *, out: Optional[Tensor] = None,
-                    check_ids: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    with_entropy: bool, *, out: Optional[Tensor] = None, check_ids: bool,
+                    ent_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(logp, lse, entropy, grad)`` from backend's one-pass ``logprobs_fwd_grad`` (no autograd); ``out`` may be
-    the logits themselves (the fused-linear chunk buffer)."""
+    the logits themselves (the fused-linear chunk buffer); ``ent_coef (S, T)`` adds ``ent_coef·∂H/∂z`` to the
+    gradient (the entropy bonus, docs/design.md §5)."""
+    extra = {} if ent_coef is None else {"ent_coef": ent_coef}
     return kernel_module(backend).logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=out,
-                                                    check_ids=check_ids)
+                                                    check_ids=check_ids, **extra)
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
@@ -179,14 +181,17 @@ def fused_token_logprobs(logits: Tensor, tokens: Tensor, mask: Optional[Tensor],
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("grpo_kernels::logprobs_fwd_grad", mutates_args=())
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, backend: str, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t]·(1[v=y] − p_v)/τ``: one read of each
-    unmasked logits row, one write of the gradient. Not differentiable itself (see :func:`one_pass_loss`)."""
-    return kernel_fwd_grad(backend, logits, tokens, mask, coef, temperature, with_entropy, check_ids=check_ids)
+                      with_entropy: bool, backend: str, check_ids: bool = True,
+                      ent_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = (coef·(1[v=y] − p_v) − ent_coef·p_v·(z_v/τ − (lse −
+    H)))/τ`` (the entropy term only when ``ent_coef`` is given): one read of each unmasked logits row, one write of
+    the gradient. Not differentiable itself (see :func:`one_pass_loss`)."""
+    return kernel_fwd_grad(backend, logits, tokens, mask, coef, temperature, with_entropy, check_ids=check_ids,
+                           ent_coef=ent_coef)
 
 
 @logprobs_fwd_grad.register_fake
-def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True):
+def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True, ent_coef=None):
     S, T, _ = logits.shape
     dt = accumulation_dtype(logits.dtype)
     small = [logits.new_empty((S, T), dtype=dt) for _ in range(3)]
@@ -251,17 +256,18 @@ class _AttachGradient(torch.autograd.Function):
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd_grad_inplace", mutates_args=("logits",))
 def logprobs_fwd_grad_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                              with_entropy: bool, backend: str, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                              with_entropy: bool, backend: str, check_ids: bool = True,
+                              ent_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`logprobs_fwd_grad` writing the gradient over the logits (each row is read before it is
     overwritten); returns ``(logp, lse, entropy)``. Declared as mutating ``logits``: their version counter moves,
     so any other autograd node that saved them fails loudly instead of reading the gradient."""
     logp, lse, ent, _ = kernel_fwd_grad(backend, logits, tokens, mask, coef, temperature, with_entropy, out=logits,
-                                        check_ids=check_ids)
+                                        check_ids=check_ids, ent_coef=ent_coef)
     return logp, lse, ent
 
 
 @logprobs_fwd_grad_inplace.register_fake
-def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True):
+def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=True, ent_coef=None):
     S, T, _ = logits.shape
     dt = accumulation_dtype(logits.dtype)
     return tuple(logits.new_empty((S, T), dtype=dt) for _ in range(3))
@@ -269,12 +275,13 @@ def _(logits, tokens, mask, coef, temperature, with_entropy, backend, check_ids=
 
 def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tensor], coef: Tensor,
                   temperature: float, with_entropy: bool, backend: str, *, check_ids: bool = True,
-                  inplace: bool = False):
+                  inplace: bool = False, ent_coef: Optional[Tensor] = None):
     """Run the one-pass kernel and return ``value_fn(logp, entropy)`` whose backward delivers the precomputed
     logits gradient (scaled by the incoming gradient).
 
     ``coef (S, T)`` must be ``∂loss/∂ℓ`` and independent of ``ℓ`` (the caller checks the loss is linear in
-    the log-probs); ``value_fn(logp, entropy)`` computes the loss (or ``(loss, metrics)``) from detached
+    the log-probs), and ``ent_coef (S, T)`` (or None) ``∂loss/∂H``, likewise constant (a constant entropy bonus:
+    its gradient is written by the same pass, docs/design.md §5); ``value_fn(logp, entropy)`` computes the loss (or ``(loss, metrics)``) from detached
     log-probs -- it may carry a graph to the rewards. ``inplace=True`` writes the gradient into the logits' own
     storage during this forward (``inplace_backward=True`` of the public functions: no ``[S, T, V]`` buffer, and
     the second read of each row is the cache-hot one before its write); the logits' values are gone afterwards.
@@ -282,14 +289,18 @@ def one_pass_loss(logits: Tensor, value_fn, tokens: Tensor, mask: Optional[Tenso
     if inplace:
         _check_inplace(logits)
     l3, tokens, keep = prepare(logits, tokens, mask)
-    coef = coef.to(accumulation_dtype(l3.dtype)).contiguous()
+    acc = accumulation_dtype(l3.dtype)
+    coef = coef.to(acc).contiguous()
+    if ent_coef is not None:
+        ent_coef = ent_coef.to(acc).contiguous()
+        with_entropy = True  # the kernel computes H for the gradient anyway
     if inplace:
         grad = l3.detach()  # shares the storage and the version counter of the logits
         logp, _, entropy = logprobs_fwd_grad_inplace(grad, tokens, keep, coef, float(temperature),
-                                                     bool(with_entropy), backend, bool(check_ids))
+                                                     bool(with_entropy), backend, bool(check_ids), ent_coef)
     else:
         logp, _, entropy, grad = logprobs_fwd_grad(l3.detach(), tokens, keep, coef, float(temperature),
-                                                   bool(with_entropy), backend, bool(check_ids))
+                                                   bool(with_entropy), backend, bool(check_ids), ent_coef)
     out = value_fn(logp, entropy if with_entropy else None)
     loss, metrics = out if isinstance(out, tuple) else (out, None)
     loss = _AttachGradient.apply(logits, loss, grad)
