@@ -107,9 +107,24 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     return dims
 
 
+#: Loss variants a case may name besides the plain loss types: ``<loss_type>+entropy`` adds an entropy bonus
+#: (``entropy_coef=0.01``, the kernels' one-pass entropy gradient on-policy).
+LOSS_VARIANTS = {f"{lt}+entropy": {"loss_type": lt, "entropy_coef": 0.01} for lt in LOSS_TYPES}
+
+
+def loss_options_of(name: str) -> Dict[str, object]:
+    """The loss options of a case's ``loss_type`` name (a loss type or a :data:`LOSS_VARIANTS` key). ``luspo``
+    takes its sequence-level ratio (it is defined only there)."""
+    opts = dict(LOSS_VARIANTS.get(name, {"loss_type": name}))
+    if opts["loss_type"] == "luspo":
+        opts["importance_sampling_level"] = "sequence"
+    return opts
+
+
 def parse_loss_type(name: str) -> str:
-    if name not in LOSS_TYPES:
-        raise ValueError(f"--loss-types: unknown loss type {name!r}; choose from {', '.join(LOSS_TYPES)}")
+    if name not in LOSS_TYPES and name not in LOSS_VARIANTS:
+        raise ValueError(f"--loss-types: unknown loss type {name!r}; choose from {', '.join(LOSS_TYPES)} or "
+                         "<loss_type>+entropy (with an entropy bonus)")
     return name
 
 

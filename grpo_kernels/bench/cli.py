@@ -29,6 +29,7 @@ from . import cases as _c
 from . import impls as _impls
 from . import harness as _h
 from . import report as _r
+from ..options import LOSS_TYPES
 
 
 def _csv(parse):
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", type=_csv(_c.parse_dtype), default=None, metavar="DT[,DT...]",
                         help="float32, bfloat16, float16, float64 (or fp32, bf16, ...)")
     parser.add_argument("--loss-types", type=_csv(_c.parse_loss_type), default=None, metavar="LT[,LT...]",
-                        help="softmax, grpo, bnpo, dr_grpo, dapo")
+                        help=", ".join(LOSS_TYPES) + ", or LT+entropy (with an entropy bonus)")
     parser.add_argument("--ops", type=_csv(_choice("--ops", _h.OPS)), default=None, metavar="OP[,OP...]",
                         help="grpo_loss, token_logprobs, fused_linear (default: all)")
     parser.add_argument("--modes", type=_csv(_choice("--modes", _h.MODES)), default=None, metavar="MODE[,MODE...]",

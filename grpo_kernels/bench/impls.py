@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as _ref
-from ..options import CLIPPED_LOSS_TYPES, LossOptions
-from .cases import BACKEND_NAMES, LOGITS_OPS, PEER_NAMES, Case
+from ..options import LossOptions
+from .cases import BACKEND_NAMES, LOGITS_OPS, PEER_NAMES, Case, loss_options_of
 
 Tensor = torch.Tensor
 
@@ -52,7 +52,7 @@ class Impl:
 
 
 def _loss_kwargs(case: Case) -> dict:
-    return dict(group_size=case.group_size, loss_type=case.loss_type)
+    return dict(group_size=case.group_size, **loss_options_of(case.loss_type))
 
 
 def _wrap(case: Case, forward: Callable[[Dict[str, Tensor]], Tensor]) -> Maker:
@@ -126,8 +126,9 @@ def _liger_impl(case: Case, device: torch.device) -> Impl:
     name = "liger"
     if importlib.util.find_spec("liger_kernel") is None:
         return Impl(name, "peer", skip_reason="Liger-Kernel is not installed")
-    if case.op != "token_logprobs" and case.loss_type not in CLIPPED_LOSS_TYPES:
-        return Impl(name, "peer", skip_reason=f"Liger has no {case.loss_type!r} loss (clipped family only)")
+    if case.op != "token_logprobs" and case.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        return Impl(name, "peer", skip_reason=f"no Liger adapter for {case.loss_type!r} here (grpo, bnpo, dr_grpo, "
+                                              "dapo only)")
     kw = _loss_kwargs(case)
     if case.op == "fused_linear":
         try:
@@ -209,12 +210,14 @@ def _trl_impl(case: Case) -> Impl:
     if case.op == "token_logprobs":
         fwd = lambda i: selective_log_softmax(i["logits"], i["tokens"])  # noqa: E731
     else:
-        opts = LossOptions(loss_type=case.loss_type)
+        opts = LossOptions(**loss_options_of(case.loss_type))
+        from trl.trainer.utils import entropy_from_logits
 
         def fwd(i):
             logp = selective_log_softmax(i["logits"], i["tokens"]).float()
+            ent = entropy_from_logits(i["logits"]).float() if opts.needs_entropy else None  # TRL's second pass
             m = _ref.effective_mask(i["tokens"], None, logp.dtype)
-            return _ref.loss_from_logprobs(logp, m, i["rewards"], opts, group_size=case.group_size)
+            return _ref.loss_from_logprobs(logp, m, i["rewards"], opts, group_size=case.group_size, entropy=ent)
     return Impl(name, "peer", _wrap(case, fwd), note="TRL selective_log_softmax + reference loss_from_logprobs")
 
 
