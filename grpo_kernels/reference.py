@@ -212,6 +212,11 @@ def loss_from_logprobs(logp: Tensor,  # (S, T) fp32/fp64, per-token log-probs of
             metrics["kl"] = (m * kl).sum() / denom_all
         if H is not None:
             metrics["entropy"] = (m * H).sum() / denom_all
+            # the entropy of the tokens the policy term acts on, as sums (the trainer's adaptive entropy
+            # controller aggregates them over micro-batches and ranks)
+            em = m if keep_mask is None else m * keep_mask
+            metrics["entropy/active_sum"] = (em * H).sum()
+            metrics["entropy/active_tokens"] = em.sum()
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -459,7 +459,7 @@ def test_inplace_backward_of_the_public_loss(b, dtype, old):
 @pytest.mark.parametrize("b", cases())
 def test_check_ids(b):
     """``check_ids=True`` (the default): a ValueError naming the bad id for an id outside [0, V) on an unmasked row,
-    from every contract function and the gateway ops, before any kernel runs; ids on masked rows are not
+    from every contract function (the gateway ops: a device-side RuntimeError), before any kernel runs; ids on masked rows are not
     checked (those rows are not read). ``check_ids=False`` with valid ids gives the same results."""
     mod = b.module()
     s, t, v = 4, 3, 7
@@ -492,12 +492,17 @@ def test_check_ids(b):
         match = rf"tokens must hold ids in \[0, {v}\).*found {bad}\b"
         calls = [lambda: mod.logprobs_fwd(z, tb, keep, 0.9, True),
                  lambda: mod.logprobs_bwd(coef, coef, z, tb, keep, fwd[1], fwd[2], 0.9),
-                 lambda: mod.logprobs_fwd_grad(z, tb, keep, coef, 0.9, True),
-                 lambda: torch.ops.grpo_kernels.logprobs_fwd(z, tb, keep, 1.0, False, b.name),
-                 lambda: torch.ops.grpo_kernels.logprobs_fwd_grad(z, tb, keep, coef, 1.0, False, b.name)]
+                 lambda: mod.logprobs_fwd_grad(z, tb, keep, coef, 0.9, True)]
         for call in calls:
             with pytest.raises(ValueError, match=match):
                 call()
+        # the gateway ops check on the device, without a host sync (torch.compile, CUDA graphs): RuntimeError
+        for call in (lambda: torch.ops.grpo_kernels.logprobs_fwd(z, tb, keep, 1.0, False, b.name),
+                     lambda: torch.ops.grpo_kernels.logprobs_fwd_grad(z, tb, keep, coef, 1.0, False, b.name)):
+            with pytest.raises(RuntimeError, match=rf"tokens must hold ids in \[0, {v}\)"):
+                call()
+                if b.device != "cpu":
+                    torch.cuda.synchronize()
     # the public loss validates the ids itself
     tb = tok.clone()
     tb[1, 1] = v

@@ -147,6 +147,19 @@ def check_token_ids(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
                          f"found {tokens[bad][0].item()}")
 
 
+def assert_token_ids(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+    """The ops gateway's ``check_ids=True`` guard without a host sync (``torch._assert_async``): on CUDA a bad id
+    raises RuntimeError at the next synchronization (the kernel never reads out of bounds: the guard runs first on
+    the stream, and a failed device assertion stops the stream); on CPU at once. Safe under ``torch.compile``
+    and CUDA-graph capture, where :func:`check_token_ids`' ``bool()`` would sync."""
+    V = logits.shape[-1]
+    if tokens.numel() == 0:
+        return
+    ok = ~(mask & ((tokens < 0) | (tokens >= V))).any()
+    torch._assert_async(ok, f"grpo_kernels: tokens must hold ids in [0, {V}) or -100 on unmasked positions "
+                            "(found one outside; checked on the device)")
+
+
 def rows_overlap(t: torch.Tensor) -> bool:
     """Whether two ``(s, t)`` rows of an ``(S, T, V)`` tensor with a unit vocabulary stride share memory (an
     expanded or overlapping strided view): writing a gradient into such a tensor would race or be wrong."""

@@ -53,9 +53,10 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
             y0 = torch.where(keep, yb, 0).long().unsqueeze(-1)
             target = zb.gather(-1, y0).squeeze(-1).to(acc) / temperature
             lse_b = torch.where(keep, target - lp, 0.0)  # ℓ = z_y/τ − lse
-            bad = ~torch.isfinite(lse_b)  # a target logit of -inf: take the log-sum-exp directly
-            if bool(bad.any()):
-                lse_b[bad] = torch.logsumexp(zb[bad].to(acc) / temperature, -1)
+            # a target logit of -inf makes that difference NaN: take the log-sum-exp directly there (for the
+            # whole slice, no host-side branch: this runs inside compiled / CUDA-graph-captured steps too)
+            lse_b = torch.where(torch.isfinite(lse_b) | ~keep, lse_b,
+                                torch.logsumexp(zb.to(acc) / temperature, -1))
             lse[a:a + ROW_BLOCK] = lse_b
             if with_entropy:
                 ent[a:a + ROW_BLOCK] = h

@@ -13,8 +13,8 @@ traces through them, ``fullgraph=True`` included) and autograd; ``torch.library.
 
 ``backend`` names the kernel module (see the contract in :mod:`grpo_kernels.kernels`). ``check_ids`` is explicit:
 the public functions pass False after they validated the token ids themselves (eager mode) and True while
-``torch.compile`` traces (validation cannot run then, so the op checks at run time); the backward trusts the
-ids its forward saw. :func:`kernel_fwd` and :func:`kernel_fwd_grad` are the same calls without autograd, for
+``torch.compile`` traces (validation cannot run then, so the op checks at run time, on the device, without a host
+sync: :func:`grpo_kernels.kernels.assert_token_ids`); the backward trusts the ids its forward saw. :func:`kernel_fwd` and :func:`kernel_fwd_grad` are the same calls without autograd, for
 the fused-linear path's chunks (which may write the gradient into the chunk buffer, ``out=``).
 
 Memory traffic: the forward reads each unmasked logits row once; the backward reads it once more and writes
@@ -30,7 +30,7 @@ import torch
 
 from .. import validation as _v
 from ..reference import accumulation_dtype
-from . import kernel_module, rows_overlap
+from . import assert_token_ids, kernel_module, rows_overlap
 
 Tensor = torch.Tensor
 
@@ -43,8 +43,12 @@ def check_ids_in_op() -> bool:
 
 def kernel_fwd(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float, with_entropy: bool,
                *, check_ids: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp, lse, entropy)`` from backend's ``logprobs_fwd`` (no autograd; kernel layout, see :func:`prepare`)."""
-    return kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=check_ids)
+    """``(logp, lse, entropy)`` from backend's ``logprobs_fwd`` (no autograd; kernel layout, see :func:`prepare`).
+    ``check_ids=True`` checks the ids here, on the device (:func:`grpo_kernels.kernels.assert_token_ids`: no host
+    sync), and the kernel module is then told not to check again."""
+    if check_ids:
+        assert_token_ids(logits, tokens, mask)
+    return kernel_module(backend).logprobs_fwd(logits, tokens, mask, temperature, with_entropy, check_ids=False)
 
 
 def kernel_fwd_grad(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
@@ -53,9 +57,11 @@ def kernel_fwd_grad(backend: str, logits: Tensor, tokens: Tensor, mask: Tensor, 
     """``(logp, lse, entropy, grad)`` from backend's one-pass ``logprobs_fwd_grad`` (no autograd); ``out`` may be
     the logits themselves (the fused-linear chunk buffer); ``ent_coef (S, T)`` adds ``ent_coef·∂H/∂z`` to the
     gradient (the entropy bonus, docs/design.md §5)."""
+    if check_ids:
+        assert_token_ids(logits, tokens, mask)
     extra = {} if ent_coef is None else {"ent_coef": ent_coef}
     return kernel_module(backend).logprobs_fwd_grad(logits, tokens, mask, coef, temperature, with_entropy, out=out,
-                                                    check_ids=check_ids, **extra)
+                                                    check_ids=False, **extra)
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
