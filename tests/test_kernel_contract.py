@@ -398,7 +398,9 @@ def test_out_may_be_the_logits_themselves(b, dtype, monkeypatch):
     def fwd_grad(logits, out):
         return list(mod.logprobs_fwd_grad(logits, tok, keep, coef, 0.9, False, out=out, **knobs["fwd_grad"]))
 
-    exact = b.device == "cpu"  # on CUDA the vector width of a load may follow the alignment of strided rows
+    # bit-exact across layouts only where the reduction order ignores the rows' addresses: on CUDA the vector width
+    # of a load may follow the alignment of strided rows, and Triton splits each row at its 16-byte boundary
+    exact = b.device == "cpu" and b.name != "triton"
     for run in (bwd, fwd_grad):
         *rows, expected = run(z, None)
         assert expected.shape == z.shape and expected.dtype == dtype and expected.is_contiguous()

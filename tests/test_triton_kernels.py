@@ -1,14 +1,16 @@
 """What is specific to the Triton backend (``grpo_kernels/kernels/triton_impl.py``): availability and the
-interpreter, launch configuration (``block_v``, ``num_warps``, persistent ``programs``), and parity with the eager
-reference and autograd through those knobs and at GPU sizes. The kernel contract itself (masked rows, ``-inf``,
+interpreter, launch configuration (``block_v``, ``num_warps``, persistent ``programs``), parity with the eager
+reference and autograd through those knobs and at GPU sizes, vocabularies and row starts at any alignment (the
+head / aligned body / tail split of every row), and the one-pass kernel's ``ent_coef``. The persistent grid's
+occupancy arithmetic is in ``test_triton_launch.py``. The kernel contract itself (masked rows, ``-inf``,
 bf16/fp16 error, p ≈ 1, determinism, ``out=``, ``check_ids``, opcheck, torch.compile, bad input) is checked for
 every backend, Triton included, by ``test_kernel_contract.py``.
 
 CPU tests run the kernels under the Triton interpreter (the ``triton_interpret`` fixture sets
 ``TRITON_INTERPRET=1``), on small ragged shapes (S=6, G=3, T=5, V=67: V is not a power of two, and
 ``block_v=16`` forces the multi-chunk online reduction). Tests marked ``gpu`` run the compiled kernels at
-real sizes (S·T = 8192 with V = 151,936 and 262,144; one sequence of 65,536+ tokens) and compare with the
-reference in row chunks so that the reference's fp32 temporaries stay small.
+real sizes (S·T = 8192 with V = 151,936, 151,935 and 262,144; one sequence of 65,536+ tokens) and compare with
+the reference in row chunks so that the reference's fp32 temporaries stay small.
 """
 
 import pytest
@@ -65,11 +67,30 @@ def test_kernel_loops_avoid_range_with_runtime_bounds():
     import ast
     import inspect
     import textwrap
-    for fn in (tk._fwd_kernel, tk._bwd_kernel, tk._fwd_grad_kernel):
+    kernels = (tk._fwd_kernel, tk._bwd_kernel, tk._fwd_grad_kernel)
+    assert kernels == tuple(fn for fn, _ in tk._KERNEL_FNS)
+    for fn in kernels + tk._HELPERS:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
         assert not loops, f"{fn.__name__} has a for loop at line {loops[0].lineno}; use while (see module doc)"
-        assert any(isinstance(n, ast.While) for n in ast.walk(tree))
+        assert fn not in kernels or any(isinstance(n, ast.While) for n in ast.walk(tree))
+
+
+def test_kernels_call_only_helpers_jitted_with_them(monkeypatch):
+    """The kernels call device helpers by name; each kernel set binds those names to the helpers jitted for the
+    same interpreter flag, in a namespace of its own (the module's globals keep the plain functions)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    for interpret, kind in ((False, JITFunction), (True, InterpretedFunction)):
+        if interpret:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        else:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        for k in tk._kernels():
+            namespace = k.fn.__globals__
+            assert namespace is not vars(tk)
+            assert all(isinstance(namespace[h.__name__], kind) for h in tk._HELPERS)
+    assert all(not isinstance(h, (JITFunction, InterpretedFunction)) for h in tk._HELPERS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,6 +188,147 @@ def test_contract_argument_checks(triton_interpret):
         tk.logprobs_fwd(z, tok, keep, 1.0, False, num_warps=3)
     with pytest.raises(ValueError, match="programs"):
         tk.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, programs=0)
+    with pytest.raises(ValueError, match="ent_coef"):
+        tk.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, ent_coef=torch.ones(S))
+    with pytest.raises(ValueError, match="ent_coef"):
+        tk.logprobs_fwd_grad(z, tok, keep, torch.ones(S, T), 1.0, False, ent_coef=torch.ones(S, T).double())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Unaligned vocabularies and row starts: every row is split into a head up to the first 16-byte boundary, an
+# aligned body (vector accesses) and a tail. The split follows each row's address: a layout changes the results
+# only by rounding (the chunking moves), and the same layout gives the same bits whatever ``out`` is.
+# ----------------------------------------------------------------------------------------------------------
+def _check_three_kernels(z, tok, keep, temperature, g, gh, block_v=None, out=None):
+    """fwd, bwd (with the entropy gradient ``gh``) and fwd_grad (coefficient ``g``) on ``z`` (any view with a unit
+    vocabulary stride) against the reference autograd; ``out`` (a factory) gives the gradients' ``out=``.
+    Returns the one-pass gradient. For fp32 logits the reference runs in fp64: with an entropy gradient the fp32
+    reference's own error (~3e-6 at |grad| ~ 0.6) exceeds the fp32 tolerance on some draws, the kernels' does not."""
+    dtype = z.dtype
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, temperature, True, block_v=block_v)
+    zz = z.detach().to(torch.float64 if dtype == torch.float32 else dtype).requires_grad_(True)
+    rlp, rent = _ref_logprobs(zz, tok, keep, temperature)
+    torch.testing.assert_close(lp.to(rlp.dtype), rlp.detach(), **_tol(dtype))
+    torch.testing.assert_close(ent.to(rlp.dtype), rent.detach(), **_tol(dtype))
+    g, gh = g.to(rlp.dtype), gh.to(rlp.dtype)
+    ((rlp * g).sum() + (rent * gh).sum()).backward()
+    grad = tk.logprobs_bwd(g.to(lp.dtype), gh.to(lp.dtype), z, tok, keep, lse, ent, temperature,
+                           out=None if out is None else out(z), block_v=block_v)
+    torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+    zz.grad = None
+    rlp, _ = _ref_logprobs(zz, tok, keep, temperature)
+    (rlp * g).sum().backward()
+    lp2, _, _, grad = tk.logprobs_fwd_grad(z, tok, keep, g.to(lp.dtype), temperature, False, block_v=block_v,
+                                           out=None if out is None else out(z))
+    torch.testing.assert_close(lp2, lp, **_tol(dtype))
+    torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+    assert (grad[~keep] == 0).all() and torch.isfinite(grad).all()
+    return grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab,block_v", [(1, None), (7, None), (17, 16), (1000, None), (1003, 64)])
+def test_odd_vocabularies(triton_interpret, dtype, vocab, block_v):
+    """V not a multiple of any vector width (and V = 1, 7: shorter than a vector): heads, bodies and tails of every
+    length, one chunk or many, against the reference."""
+    s, t = (4, 3) if vocab >= 1000 else (S, T)
+    z, tok, m, _ = _inputs(dtype, s=s, t=t, v=vocab)
+    g, gh = torch.randn(2, s, t, dtype=_acc(dtype))
+    _check_three_kernels(z, tok, _keep(tok, m), 0.8, g, gh, block_v=block_v)
+
+
+def _untouched(view, fill):
+    """Whether the elements of ``view._base`` (contiguous) outside ``view`` still hold ``fill``."""
+    base = view._base
+    inside = torch.as_strided(torch.arange(base.numel()), view.shape, view.stride(),
+                              view.storage_offset() - base.storage_offset())
+    outside = torch.ones(base.numel(), dtype=torch.bool)
+    outside[inside.reshape(-1)] = False
+    return bool((base.reshape(-1)[outside] == fill).all())
+
+
+def _odd_views(z, fill=7.0):
+    """``z``'s values in two views whose rows start at odd offsets, inside bases filled with ``fill``: rows of a
+    wider buffer starting one element in (row (s, t) at (s·T + t)·(V + 3) + 1), and a contiguous view one element
+    into its storage (its data pointer is not 16-byte aligned)."""
+    s, t, v = z.shape
+    wide = torch.full((s, t, v + 3), fill, dtype=z.dtype)[..., 1:v + 1]
+    shifted = torch.full((s * t * v + 1,), fill, dtype=z.dtype)[1:].view(s, t, v)
+    for view in (wide, shifted):
+        view.copy_(z)
+    return wide, shifted
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_row_starts(triton_interpret, dtype):
+    """Logits whose rows start at odd offsets, with gradients into a fresh tensor (rows aligned differently from
+    the logits', so ``OUT_ALIGNED`` is off), into a strided view with yet another alignment (its padding
+    untouched), and in place into the odd view itself (the same numbers as into a fresh tensor)."""
+    v = 61
+    z, tok, m, _ = _inputs(dtype, v=v)
+    keep = _keep(tok, m)
+    g, gh = torch.randn(2, S, T, dtype=_acc(dtype))
+    for i, logits in enumerate(_odd_views(z)):
+        assert not tk._rows_aligned_alike(torch.empty_like(z), logits)
+        expected = _check_three_kernels(logits, tok, keep, 0.7, g, gh, block_v=16)
+        outs = []
+        got = _check_three_kernels(logits, tok, keep, 0.7, g, gh, block_v=16,
+                                   out=lambda zz: outs.append(strided_copy(torch.zeros_like(zz), fill=3.0)) or outs[-1])
+        assert torch.equal(got, expected) and all(_untouched(o, 3.0) for o in outs)
+        _, lse, ent = tk.logprobs_fwd(logits, tok, keep, 0.7, True, block_v=16)
+        expected_bwd = tk.logprobs_bwd(g, gh, logits, tok, keep, lse, ent, 0.7, block_v=16)
+        for kernel in ("bwd", "fwd_grad"):
+            view = _odd_views(z)[i]  # a fresh copy with the same layout
+            if kernel == "bwd":
+                res = tk.logprobs_bwd(g, gh, view, tok, keep, lse, ent, 0.7, out=view, block_v=16)
+                want = expected_bwd
+            else:
+                res = tk.logprobs_fwd_grad(view, tok, keep, g, 0.7, False, out=view, block_v=16)[3]
+                want = expected
+            assert res is view and torch.equal(view, want) and _untouched(view, 7.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one-pass kernel with an entropy coefficient (``ent_coef``)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fwd_grad_with_ent_coef(triton_interpret, dtype, temperature):
+    """``logprobs_fwd_grad(..., ent_coef=g_H)`` writes ``(coef·(1[v=y] − p) − g_H·p·(z/τ − (lse − H)))/τ``: the same
+    as this module's two-pass ``logprobs_bwd(coef, g_H)`` and as autograd of ``Σ coef·ℓ + Σ g_H·H`` through the
+    reference; H is returned although ``with_entropy`` is False; masked rows are zero, ``-inf`` logits get 0."""
+    z, tok, m, _ = _inputs(dtype)
+    keep = _keep(tok, m)
+    acc = _acc(dtype)
+    coef = torch.randn(S, T, dtype=acc)
+    ent_coef = torch.randn(S, T, dtype=acc)
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, temperature, True)
+    two_pass = tk.logprobs_bwd(coef, ent_coef, z, tok, keep, lse, ent, temperature)
+    zz = z.clone().requires_grad_(True)
+    rlp, rent = _ref_logprobs(zz, tok, keep, temperature)
+    ((coef * rlp).sum() + (ent_coef * rent).sum()).backward()
+    grads = []
+    for kw in (dict(), dict(block_v=16, programs=4)):  # one chunk per row; many chunks, persistent programs
+        lp2, lse2, ent2, grad = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, ent_coef=ent_coef, **kw)
+        torch.testing.assert_close(lp2, lp, **_tol(dtype))
+        torch.testing.assert_close(lse2, lse, **_tol(dtype))
+        torch.testing.assert_close(ent2, rent.detach(), **_tol(dtype))
+        torch.testing.assert_close(grad.double(), two_pass.double(), **_gtol(dtype))
+        torch.testing.assert_close(grad.double(), zz.grad.double(), **_gtol(dtype))
+        assert (grad[~keep] == 0).all() and torch.isfinite(grad).all()
+        assert (grad[0, 0, :V // 3] == 0).all() and (grad[1, 2, 1::2] == 0).all()  # the -inf logits
+        grads.append(grad)
+    # out= a strided view (its padding untouched), and the logits themselves: the same numbers
+    out = strided_copy(torch.zeros_like(z), fill=5.0)
+    res = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, out=out, ent_coef=ent_coef)
+    assert res[3] is out and torch.equal(out, grads[0]) and _untouched(out, 5.0)
+    zc = z.clone()
+    res = tk.logprobs_fwd_grad(zc, tok, keep, coef, temperature, False, out=zc, ent_coef=ent_coef, block_v=16)
+    assert res[3] is zc and torch.equal(zc, grads[1])
+    # ent_coef = 0 is exactly the kernel without the entropy term
+    _, _, ent3, g0 = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, True, ent_coef=torch.zeros_like(coef))
+    _, _, ent4, g1 = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, True)
+    assert torch.equal(g0, g1) and torch.equal(ent3, ent4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,10 +480,11 @@ def _assert_grad_close_chunked(got, exp, rows=512, **tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("vocab", [151_936, 262_144])
+@pytest.mark.parametrize("vocab", [151_936, 151_935, 262_144])
 def test_gpu_parity_at_scale(compiled, vocab):
-    """S·T = 8192 rows of bf16 logits (S·T·V > 2^31 for V = 262,144: int64 offsets), forward, backward with
-    entropy gradient, and the one-pass kernel, against the chunked reference."""
+    """S·T = 8192 rows of bf16 logits (S·T·V > 2^31 for V = 262,144: int64 offsets; V = 151,935: rows at every
+    alignment, the row split's vector path on hardware), forward, backward with entropy gradient, and the
+    one-pass kernel, against the chunked reference."""
     s, t = 8, 1024
     z, tok, m, _ = _inputs(torch.bfloat16, device="cuda", s=s, t=t, v=vocab)
     keep = _keep(tok, m)
