@@ -181,3 +181,34 @@ def test_gpu_one_pass_grid_is_resident(monkeypatch):
     assert grid <= limits.sms * tk._blocks_per_sm(kernel, limits)
     props = torch.cuda.get_device_properties(0)
     assert limits.sms == props.multi_processor_count
+
+
+def test_compiled_resources_are_looked_up_once_per_specialization(monkeypatch):
+    """The launch path asks the compiled kernel for its registers/shared memory: one warmup lookup per
+    specialization, not one per call."""
+    from grpo_kernels.kernels import triton_impl as ti
+
+    calls = []
+
+    class FakeCompiled:
+        n_regs = 64
+        metadata = type("M", (), {"shared": 0, "num_warps": 8})()
+
+        def _init_handles(self):
+            pass
+
+    class FakeKernel:
+        def warmup(self, *args, grid, **meta):
+            calls.append(meta)
+            return FakeCompiled()
+
+    monkeypatch.setattr(ti, "_interpreting", lambda: False)
+    monkeypatch.setattr(ti, "_RESOURCES_CACHE", {})
+    k = FakeKernel()
+    x = torch.zeros(4, 16)
+    for _ in range(3):
+        assert ti._compiled_resources(k, (x, 16, 1.0), {"BLOCK_V": 1024}) is not None
+    assert len(calls) == 1
+    ti._compiled_resources(k, (x, 17, 1.0), {"BLOCK_V": 1024})  # another specialization (17 % 16 != 0)
+    ti._compiled_resources(k, (x, 16, 1.0), {"BLOCK_V": 2048})  # another constexpr
+    assert len(calls) == 3

@@ -541,16 +541,39 @@ def _resources_of(compiled) -> Optional[_KernelResources]:
         return None
 
 
+_RESOURCES_CACHE: dict = {}
+
+
+def _specialization_key(args: tuple, meta: dict) -> tuple:
+    """What selects the compiled variant: the constexprs, the tensors' dtypes and devices and 16-divisibility of
+    pointers and integer arguments (Triton's specialization), so the cached resources are those of that binary."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((a.dtype, a.device, a.data_ptr() % 16 == 0))
+        elif isinstance(a, int) and not isinstance(a, bool):
+            parts.append(("i", a == 1, a % 16 == 0))
+        else:
+            parts.append(type(a).__name__)
+    return tuple(parts) + tuple(sorted(meta.items()))
+
+
 def _compiled_resources(kernel, args: tuple, meta: dict) -> Optional[_KernelResources]:
     """Resources of the compiled kernel that ``kernel[grid](*args, **meta)`` would run (compiling it now if
-    needed, as the launch would); None under the interpreter, which compiles nothing."""
+    needed, as the launch would), cached per specialization so a launch pays the lookup once; None under the
+    interpreter, which compiles nothing."""
     if _interpreting():
         return None
+    key = (id(kernel), _specialization_key(args, meta))
+    if key in _RESOURCES_CACHE:
+        return _RESOURCES_CACHE[key]
     try:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
     except (AttributeError, TypeError):  # a Triton without warmup(..., grid=): use the worst case
         return None
-    return None if compiled is None else _resources_of(compiled)
+    res = None if compiled is None else _resources_of(compiled)
+    _RESOURCES_CACHE[key] = res
+    return res
 
 
 def _programs(logits: Tensor, n_rows: int, block_v: int, num_warps: int, programs: Optional[int],
