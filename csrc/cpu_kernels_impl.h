@@ -4,13 +4,19 @@
 // (at::parallel_for) and all tensor checks live in cpu_ops.cpp.
 //
 // Per row r = s*T + t (logits row z = logits[s, t, :], vocabulary stride 1, y = tokens[s, t], it = 1/tau):
-//   fwd:      m = max z;  sum = sum_v exp((z_v - m) it);  lse = m it + log(sum);  logp = (z_y - m) it - log(sum);
-//             H = log(sum) - sum_v e_v (z_v - m) it / sum  (= lse - sum_v p_v z_v it; -inf logits give 0)
+//   fwd:      m = max z (a max pass), i* = the first index with z = m;  e_v = exp(t_v), t_v = (z_v - m) it;
+//             rest = sum_{v != i*} e_v (the sum of the row is 1 + rest: the designated max's term e = 1 is kept out
+//             of the sum, so the small terms of a confident row are never rounded against it);
+//             log sum = log1p(rest);  lse = m it + log1p(rest);  logp = (z_y - m) it - log1p(rest);
+//             H = log1p(rest) - sum_v e_v t_v / (1 + rest)  (= lse - sum_v p_v z_v it; -inf logits give 0)
 //   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, and the target entry recomputed in full precision
 //             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it, with 1 - p_y = -expm1(log p_y)
-//   fwd_grad: one read of the row from memory: a max pass, then e_v = exp((z_v - m) it) written into the
-//             gradient row itself (an fp32 scratch row for bf16/fp16), then rescaled in place from L2:
-//             g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.
+//   fwd_grad: one read of the row from memory: a max pass, then e_v = exp(t_v) written into the gradient row
+//             itself (into an fp32 scratch row for bf16/fp16, or when ent_coef is given), then rescaled in place
+//             from L2: g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.  With ent_coef (g_H = ent_coef, the
+//             entropy always computed): g_v = -(it / sum) e_v (coef + ent_coef (t_v - mu)), mu = sum_v p_v t_v,
+//             where t_v comes from a cache-hot reread of z_v (z_v/tau - (lse - H) = t_v - mu), and
+//             g_y = (coef (1 - p_y) - ent_coef p_y (t_y - mu)) it.
 // Masked rows are never read: outputs 0 and a zero gradient row. Reductions run in a fixed order inside
 // each row, so results do not depend on the thread count (bitwise deterministic).
 #pragma once
@@ -141,43 +147,86 @@ struct Rows {
     return m;
   }
 
-  // sum_v e_v and (ENT) sum_v e_v t_v with t_v = (z_v - m) it, e_v = exp(t_v); (STORE) e_v -> e_out[v].
-  // e_out may alias z (same element type): each chunk is loaded before it is overwritten.
+  // rest = sum_{v != i*} e_v and (ENT) h = sum_v e_v t_v with t_v = (z_v - m) it, e_v = exp(t_v), where i* is the
+  // first index with z_v = m (the designated max, e = 1: `found` tells whether there is one -- not in a row of -inf,
+  // whose m is 0, or a NaN row); (STORE) e_v -> e_out[v] for every v (i* included). e_out may alias z (same
+  // element type): each chunk is loaded before it is overwritten.
   // Accurate summation: compensated (Kahan) vector partial sums over blocks of kBlock elements, each block's
-  // total added to a double. The lane that holds p_y ≈ 1 would otherwise swallow the small terms of the other
-  // classes (1 - p_y is what the gradient of a confident token is made of), and the error would grow with V.
+  // total added to a double. The designated max is left out of the sum, so the sum is of the small terms alone:
+  // 1 - p_y of a confident target, what its log-prob and gradient are made of, keeps its relative accuracy (with
+  // the 1 in a lane, the fp32 horizontal sum of the lanes would round the other terms against it). The search for
+  // i* runs inside the pass, on the values already loaded, until it is found.
   static constexpr int64_t kBlock = 64 * W;
   template <bool ENT, bool STORE>
-  static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, double& sum_out, double& h_out) {
+  static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, bool& found, double& sum_out, double& h_out) {
     const VA vm(m), vit(it), vlow(std::numeric_limits<A>::lowest());
+    const int64_t vend = V - V % W;
+    constexpr int64_t kAll = (int64_t(1) << L) - 1;
+    bool hit = false;
     double s = 0, h = 0;
     int64_t i = 0;
-    while (i + W <= V) {
-      const int64_t stop = std::min(V - V % W, i + kBlock);
+    while (i < vend) {
+      const int64_t stop = std::min(vend, i + kBlock);
       VA vs(0), cs(0), vh(0), ch(0);
       for (; i < stop; i += W) {
         VA x[N];
         Io<T>::load(z + i, x);
         for (int k = 0; k < N; ++k) {
           const VA t = (x[k] - vm) * vit;
-          const VA e = vexp(t);
-          kahan_add(vs, cs, e);
-          if (ENT) kahan_add(vh, ch, e * at::vec::maximum(t, vlow));  // -inf logit: e = 0, avoid 0 * -inf
+          VA e = vexp(t);
           if (STORE) e.store(e_out + i + k * L);
+          if (ENT) kahan_add(vh, ch, e * at::vec::maximum(t, vlow));  // -inf logit: e = 0, avoid 0 * -inf
+          if (!hit) {
+            // zero_mask() of the comparison: bit j set where lane j is *not* equal to m
+            const int64_t ne = static_cast<int64_t>((x[k] == vm).zero_mask()) & kAll;
+            if (ne != kAll) {  // once per row: drop the designated max's lane from the sum
+              int64_t j = 0;
+              while ((ne >> j) & 1) ++j;
+              alignas(64) A buf[L];
+              e.store(buf);
+              buf[j] = A(0);
+              e = VA::loadu(buf);
+              hit = true;
+            }
+          }
+          kahan_add(vs, cs, e);
         }
       }
       s += static_cast<double>(hsum(vs)) - static_cast<double>(hsum(cs));
       if (ENT) h += static_cast<double>(hsum(vh)) - static_cast<double>(hsum(ch));
     }
     for (; i < V; ++i) {
-      const A t = (static_cast<A>(z[i]) - m) * it;
+      const A x = static_cast<A>(z[i]);
+      const A t = (x - m) * it;
       const A e = std::exp(t);
-      s += e;
+      if (!hit && x == m)
+        hit = true;
+      else
+        s += e;
       if (ENT) h += static_cast<double>(e * smax(t, std::numeric_limits<A>::lowest()));
       if (STORE) e_out[i] = e;
     }
+    found = hit;
     sum_out = s;
     h_out = h;
+  }
+
+  // The row's statistics from rest (and h) of exp_pass: the sum 1 + rest (rest alone when there is no designated
+  // max), log of the sum, and the entropy.
+  struct RowSums {
+    double sum, log_sum, ent;
+  };
+  // lse = m it + log sum and logp = (z_y - m) it - log sum (no cancellation when the target is the max, p_y ≈ 1),
+  // with explicit fma: fwd and fwd_grad must give the same bits, whatever contraction the compiler would choose.
+  static inline A row_lse(A m, A it, A ls) { return std::fma(m, it, ls); }
+  static inline A row_logp(A zy, A m, A it, A ls) { return std::fma(zy - m, it, -ls); }
+
+  static inline RowSums finish(bool found, double rest, double h) {
+    RowSums r;
+    r.sum = found ? 1.0 + rest : rest;
+    r.log_sum = found ? std::log1p(rest) : std::log(rest);
+    r.ent = r.log_sum - h / r.sum;
+    return r;
   }
 
   static inline void zero_row(T* g, int64_t V) { std::memset(static_cast<void*>(g), 0, sizeof(T) * V); }
@@ -197,15 +246,17 @@ struct Rows {
       const T* z = zrow(p, r);
       const A zy = static_cast<A>(z[p.tokens[r]]);
       const A m = row_max(z, V);
+      bool found;
       double s, h;
       if (p.with_entropy)
-        exp_pass<true, false>(z, V, m, it, nullptr, s, h);
+        exp_pass<true, false>(z, V, m, it, nullptr, found, s, h);
       else
-        exp_pass<false, false>(z, V, m, it, nullptr, s, h);
-      const A ls = static_cast<A>(std::log(s));
-      lse[r] = m * it + ls;
-      logp[r] = (zy - m) * it - ls;  // no cancellation when the target is the max (p_y ≈ 1)
-      ent[r] = p.with_entropy ? static_cast<A>(std::log(s) - h / s) : A(0);
+        exp_pass<false, false>(z, V, m, it, nullptr, found, s, h);
+      const RowSums rs = finish(found, s, h);
+      const A ls = static_cast<A>(rs.log_sum);
+      lse[r] = row_lse(m, it, ls);
+      logp[r] = row_logp(zy, m, it, ls);
+      ent[r] = p.with_entropy ? static_cast<A>(rs.ent) : A(0);
     }
   }
 
@@ -271,9 +322,13 @@ struct Rows {
     A* lse = static_cast<A*>(p.lse);
     A* ent = static_cast<A*>(p.ent);
     const A* coef = static_cast<const A*>(p.coef);
-    constexpr bool kScratch = !std::is_same<T, A>::value;
+    const A* ecoef = static_cast<const A*>(p.ent_coef);  // null: no entropy term
+    const bool with_ent = p.with_entropy || ecoef != nullptr;
+    // e_v goes into the gradient row itself, unless that cannot hold it in A or z is needed again (ent_coef: t_v
+    // is recomputed from z in the last pass, and z may be the gradient row)
+    const bool use_scratch = !std::is_same<T, A>::value || ecoef != nullptr;
     std::unique_ptr<A[]> scratch;
-    if (kScratch) scratch.reset(new A[V]);
+    if (use_scratch) scratch.reset(new A[V]);
     for (int64_t r = begin; r < end; ++r) {
       T* g = grow(p, r);
       if (!p.mask[r]) {
@@ -285,29 +340,56 @@ struct Rows {
       const int64_t y = p.tokens[r];
       const A zy = static_cast<A>(z[y]);
       const A m = row_max(z, V);
-      A* e = kScratch ? scratch.get() : reinterpret_cast<A*>(g);
+      A* e = use_scratch ? scratch.get() : reinterpret_cast<A*>(g);
+      bool found;
       double s, h;
-      if (p.with_entropy)
-        exp_pass<true, true>(z, V, m, it, e, s, h);
+      if (with_ent)
+        exp_pass<true, true>(z, V, m, it, e, found, s, h);
       else
-        exp_pass<false, true>(z, V, m, it, e, s, h);
-      const A ls = static_cast<A>(std::log(s));
-      const A lz = m * it + ls;
-      const A lp = (zy - m) * it - ls;
-      lse[r] = lz;
+        exp_pass<false, true>(z, V, m, it, e, found, s, h);
+      const RowSums rs = finish(found, s, h);
+      const A ls = static_cast<A>(rs.log_sum);
+      const A lp = row_logp(zy, m, it, ls);
+      lse[r] = row_lse(m, it, ls);
       logp[r] = lp;
-      ent[r] = p.with_entropy ? static_cast<A>(std::log(s) - h / s) : A(0);
+      ent[r] = with_ent ? static_cast<A>(rs.ent) : A(0);
       const A cf = coef[r];
-      const A scale = static_cast<A>(-cf * it / s);
-      const VA k(scale);
       int64_t i = 0;
-      for (; i + W <= V; i += W) {
-        VA x[N];
-        for (int q = 0; q < N; ++q) x[q] = VA::loadu(e + i + q * L) * k;
-        Io<T>::store(g + i, x);
+      if (ecoef == nullptr) {
+        const A scale = static_cast<A>(-cf * it / rs.sum);
+        const VA k(scale);
+        for (; i + W <= V; i += W) {
+          VA x[N];
+          for (int q = 0; q < N; ++q) x[q] = VA::loadu(e + i + q * L) * k;
+          Io<T>::store(g + i, x);
+        }
+        for (; i < V; ++i) g[i] = static_cast<T>(e[i] * scale);
+        g[y] = static_cast<T>(-cf * std::expm1(lp) * it);  // coef (1 - p_y) / tau, exact for p_y ≈ 1
+      } else {
+        // g_v = e_v (b + a t_v): a = -(it / sum) ent_coef, b = -(it / sum) (coef - ent_coef mu), mu = h / sum
+        // (<= 0). t_v is floored where z_v = -inf (e_v = 0 there; the floor keeps a t_v finite) and far enough
+        // down that exp(floor) is 0 in A.
+        const A ec = ecoef[r];
+        const double mu = h / rs.sum, kk = -static_cast<double>(it) / rs.sum;
+        const A a = static_cast<A>(kk * ec), b = static_cast<A>(kk * (cf - ec * mu));
+        const A floor = sizeof(A) == 4 ? A(-200) : A(-1000);
+        const VA va(a), vb(b), vm(m), vit(it), vfloor(floor);
+        for (; i + W <= V; i += W) {
+          VA x[N];
+          Io<T>::load(z + i, x);  // the cache-hot reread; g may be z: the chunk is read before it is written
+          for (int q = 0; q < N; ++q) {
+            const VA t = at::vec::maximum((x[q] - vm) * vit, vfloor);
+            x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(va, t, vb);
+          }
+          Io<T>::store(g + i, x);
+        }
+        for (; i < V; ++i) {
+          const A t = smax((static_cast<A>(z[i]) - m) * it, floor);
+          g[i] = static_cast<T>(e[i] * (a * t + b));
+        }
+        const A ty = (zy - m) * it, py = std::exp(lp);
+        g[y] = static_cast<T>((-cf * std::expm1(lp) - ec * py * (ty - static_cast<A>(mu))) * it);
       }
-      for (; i < V; ++i) g[i] = static_cast<T>(e[i] * scale);
-      g[y] = static_cast<T>(-cf * std::expm1(lp) * it);  // coef (1 - p_y) / tau, exact for p_y ≈ 1
     }
   }
 };

@@ -4,13 +4,18 @@
 // One block per (S, T) row (1-D grid-stride loop over rows, int64 offsets), kBlock threads. Each thread owns a
 // fixed set of elements of the row (the same in every pass), loaded 128 bits at a time where the row is
 // aligned (a scalar head brings it to alignment; a scalar tail finishes it). Accumulation in fp32 (fp64 for
-// fp64 logits). Reductions: warp shuffles, then one value per warp through shared memory -- a fixed tree, so
-// results are bitwise deterministic. Math as in cpu_kernels_impl.h:
-//   fwd:      one read of the row with an online (max, sum e, sum e t) per thread, merged across the block;
+// fp64 logits). The row arithmetic lives in cuda_rowmath.cuh (host+device, tested on the CPU): per thread a
+// running (max, sum of the non-max terms, entropy sum) updated once per loaded vector (its max first, one
+// rescale only when that grows, then one FFMA + one ex2 per element, with K = log2(e)/tau folded in), the sum of
+// the designated max's term kept out of every float sum (so a confident target keeps log p_y = -log1p(rest)
+// and 1 - p_y to fp32 relative accuracy). Reductions: warp shuffles, then one value per warp through shared
+// memory -- a fixed tree, so results are bitwise deterministic.
+//   fwd:      one read of the row;
 //   bwd:      one read of the row, one write of the gradient;
 //   fwd_grad: the fwd pass, then the row is read again (from L2 for rows of tens of kB) and the gradient
-//             g_v = -coef it exp((z_v - m) it) / sum is written; the target entry g_y = -coef expm1(logp) it
-//             is computed in fp32 by one thread after the block has written its row.
+//             g_v = -coef it p_v (with ent_coef: -(coef + ent_coef (t_v - mu)) it p_v, t_v = (z_v - m) it,
+//             mu = sum_v p_v t_v) is written; the target entry (coef (1 - p_y) - ent_coef p_y (t_y - mu)) it,
+//             1 - p_y = -expm1(logp), is computed by one thread after the block has written its row.
 // Masked rows are never read: outputs 0 and a zero gradient row. `out` may alias the logits: every element is
 // read and written by the same thread in the same iteration, and z_y is read before the first write.
 // An out-of-range token id on an unmasked row (the launchers' callers check ids beforehand) is never used as
@@ -23,6 +28,7 @@
 
 #include <cstdint>
 
+#include "cuda_rowmath.cuh"
 #include "grpo_kernels.h"
 
 namespace grpo {
@@ -79,6 +85,19 @@ __device__ inline void load_vec(const T* p, typename Elem<T>::A* out) {
   for (int k = 0; k < n; ++k) out[k] = Elem<T>::to(v.e[k]);
 }
 
+// bf16 -> fp32 is the 16 bits moved up: one shift or one mask per element (the generic conversion extracts the
+// upper half first).
+template <>
+__device__ inline void load_vec<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = __uint_as_float(w[k] << 16);
+    out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+
 template <typename T>
 __device__ inline void store_vec(T* p, const typename Elem<T>::A* in) {
   constexpr int n = Elem<T>::kVec;
@@ -95,8 +114,6 @@ __device__ inline float exp_(float x) { return expf(x); }
 __device__ inline double exp_(double x) { return exp(x); }
 __device__ inline float expm1_(float x) { return expm1f(x); }
 __device__ inline double expm1_(double x) { return expm1(x); }
-__device__ inline float log_(float x) { return logf(x); }
-__device__ inline double log_(double x) { return log(x); }
 
 template <typename A>
 __device__ inline A neg_inf() {
@@ -124,25 +141,9 @@ __device__ inline RowSplit split_row(const T* z, int64_t V) {
   return r;
 }
 
-// Visits every element z[i] of the row owned by this thread: f(i, value in A).
-template <typename T, typename F>
-__device__ inline void for_each_elem(const T* z, int64_t V, const RowSplit& sp, F&& f) {
-  using A = typename Elem<T>::A;
-  constexpr int n = Elem<T>::kVec;
-  const int tid = threadIdx.x;
-  for (int64_t i = tid; i < sp.head; i += kBlock) f(i, Elem<T>::to(z[i]));
-  for (int64_t j = tid; j < sp.nvec; j += kBlock) {
-    const int64_t i0 = sp.head + j * n;
-    A x[n];
-    load_vec<T>(z + i0, x);
-#pragma unroll
-    for (int k = 0; k < n; ++k) f(i0 + k, x[k]);
-  }
-  for (int64_t i = sp.tail_start + tid; i < V; i += kBlock) f(i, Elem<T>::to(z[i]));
-}
-
-// g[i] = f(i, z[i]) for the elements this thread owns (z and g may be the same row). Vector stores when z and
-// g share their alignment (always true when they alias), scalar stores otherwise.
+// g[i] = f(i, z[i]) for the elements this thread owns (the ones cuda_rowmath's thread_acc gives it in the
+// statistics pass; z and g may be the same row). Vector stores when z and g share their alignment (always true
+// when they alias), scalar stores otherwise.
 template <typename T, typename F>
 __device__ inline void map_row(const T* z, T* g, int64_t V, const RowSplit& sp, F&& f) {
   using A = typename Elem<T>::A;
@@ -150,17 +151,22 @@ __device__ inline void map_row(const T* z, T* g, int64_t V, const RowSplit& sp, 
   const int tid = threadIdx.x;
   const bool same = (reinterpret_cast<uintptr_t>(z) % 16) == (reinterpret_cast<uintptr_t>(g) % 16);
   for (int64_t i = tid; i < sp.head; i += kBlock) g[i] = Elem<T>::from(f(i, Elem<T>::to(z[i])));
-  for (int64_t j = tid; j < sp.nvec; j += kBlock) {
-    const int64_t i0 = sp.head + j * n;
-    A x[n];
-    load_vec<T>(z + i0, x);
+  if (same) {  // (two loops: the test is not repeated per vector)
+    for (int64_t j = tid; j < sp.nvec; j += kBlock) {
+      const int64_t i0 = sp.head + j * n;
+      A x[n];
+      load_vec<T>(z + i0, x);
 #pragma unroll
-    for (int k = 0; k < n; ++k) x[k] = f(i0 + k, x[k]);
-    if (same) {
+      for (int k = 0; k < n; ++k) x[k] = f(i0 + k, x[k]);
       store_vec<T>(g + i0, x);
-    } else {
+    }
+  } else {
+    for (int64_t j = tid; j < sp.nvec; j += kBlock) {
+      const int64_t i0 = sp.head + j * n;
+      A x[n];
+      load_vec<T>(z + i0, x);
 #pragma unroll
-      for (int k = 0; k < n; ++k) g[i0 + k] = Elem<T>::from(x[k]);
+      for (int k = 0; k < n; ++k) g[i0 + k] = Elem<T>::from(f(i0 + k, x[k]));
     }
   }
   for (int64_t i = sp.tail_start + tid; i < V; i += kBlock) g[i] = Elem<T>::from(f(i, Elem<T>::to(z[i])));
@@ -181,101 +187,50 @@ __device__ inline void zero_row(T* g, int64_t V) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Online softmax statistics: m = running max of the raw logits, s = sum_v exp((z_v - m) it),
-// h = sum_v exp((z_v - m) it) (z_v - m) it. -inf logits contribute nothing; m = -inf means "empty"; a NaN
-// logit makes every statistic NaN (never "empty", so merges propagate it).
+// Row statistics (cuda_rowmath.cuh): per thread, then merged across the block.
 // ---------------------------------------------------------------------------------------------------------
-template <typename A>
-struct Stats {
-  A m, s, h;
-  A cs;  // Kahan compensation of s (the true sum is s - cs): the thread holding p_y ≈ 1 keeps the small terms
-};
-
-template <typename A>
-__device__ inline void kahan_add(A& s, A& c, A x) {
-  const A y = x - c;
-  const A t = s + y;
-  c = (t - s) - y;
-  s = t;
-}
-
-template <typename A, bool ENT>
-__device__ inline void stats_add(Stats<A>& a, A x, A it) {
-  if (x > a.m) {
-    if (a.m == neg_inf<A>()) {
-      a.s = A(1);
-      a.cs = A(0);
-      if (ENT) a.h = A(0);
-    } else {
-      const A d = (x - a.m) * it;
-      const A c = exp_(-d);
-      if (ENT) a.h = c * (a.h - d * (a.s - a.cs));
-      a.s = (a.s - a.cs) * c;
-      a.cs = A(0);
-      kahan_add(a.s, a.cs, A(1));
-    }
-    a.m = x;
-  } else if (x > neg_inf<A>()) {
-    const A t = (x - a.m) * it;
-    const A e = exp_(t);
-    kahan_add(a.s, a.cs, e);
-    if (ENT) a.h += e * t;
-  } else if (x != x) {  // NaN logit: poison the row's statistics (as the reference would)
-    a.m = a.s = a.h = static_cast<A>(NAN);
-  }
-}
-
-template <typename A, bool ENT>
-__device__ inline Stats<A> stats_merge(const Stats<A>& a, const Stats<A>& b, A it) {
-  if (b.m == neg_inf<A>()) return a;
-  if (a.m == neg_inf<A>()) return b;
-  const A M = a.m > b.m ? a.m : b.m;
-  const A da = (M - a.m) * it, db = (M - b.m) * it;
-  const A ca = exp_(-da), cb = exp_(-db);
-  const A sa = a.s - a.cs, sb = b.s - b.cs;  // compensation folded in
-  Stats<A> r;
-  r.m = M;
-  r.s = sa * ca + sb * cb;
-  r.h = ENT ? ca * (a.h - da * sa) + cb * (b.h - db * sb) : A(0);
-  r.cs = A(0);
-  return r;
-}
+using rowmath::Stat;
 
 // Block-wide merge; every thread gets the result. `smem` holds kWarps entries.
-template <typename A, bool ENT>
-__device__ inline Stats<A> block_stats(Stats<A> a, A it, Stats<A>* smem) {
+template <typename A>
+__device__ inline Stat<A> block_stats(Stat<A> a, A K, Stat<A>* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    Stats<A> b;
+    Stat<A> b;
     b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
-    b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
+    b.r = __shfl_xor_sync(0xffffffffu, a.r, off);
     b.h = __shfl_xor_sync(0xffffffffu, a.h, off);
-    b.cs = __shfl_xor_sync(0xffffffffu, a.cs, off);
-    a = stats_merge<A, ENT>(a, b, it);
+    a = rowmath::stat_merge(a, b, K);
   }
   if (lane == 0) smem[warp] = a;
   __syncthreads();
   if (warp == 0) {
-    Stats<A> w = lane < kWarps ? smem[lane] : Stats<A>{neg_inf<A>(), A(0), A(0), A(0)};
+    Stat<A> w = lane < kWarps ? smem[lane] : Stat<A>{neg_inf<A>(), A(0), A(0)};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-      Stats<A> b;
+      Stat<A> b;
       b.m = __shfl_xor_sync(0xffffffffu, w.m, off);
-      b.s = __shfl_xor_sync(0xffffffffu, w.s, off);
+      b.r = __shfl_xor_sync(0xffffffffu, w.r, off);
       b.h = __shfl_xor_sync(0xffffffffu, w.h, off);
-      b.cs = __shfl_xor_sync(0xffffffffu, w.cs, off);
-      w = stats_merge<A, ENT>(w, b, it);
+      w = rowmath::stat_merge(w, b, K);
     }
     if (lane == 0) smem[0] = w;
   }
   __syncthreads();
-  Stats<A> r = smem[0];
+  const Stat<A> r = smem[0];
   __syncthreads();  // smem may be reused by the caller
-  r.s -= r.cs;  // fold the compensation (a lone lane's stats reach here unmerged)
-  r.cs = A(0);
   return r;
 }
+
+// The elements of a row as cuda_rowmath's thread_acc reads them.
+template <typename T>
+struct RowSrc {
+  using A = typename Elem<T>::A;
+  const T* z;
+  __device__ A one(int64_t i) const { return Elem<T>::to(z[i]); }
+  __device__ void vec(int64_t i, A* out) const { load_vec<T>(z + i, out); }
+};
 
 template <typename T>
 __device__ inline const T* logits_row(const RowProblem& p, int64_t r) {
@@ -286,14 +241,20 @@ __device__ inline T* grad_row(const RowProblem& p, int64_t r) {
   return static_cast<T*>(p.grad) + (r / p.T) * p.gs_s + (r % p.T) * p.gs_t;
 }
 
-// Row statistics of an unmasked row: one read. Returns (m, s, h) for the whole row, in every thread.
+// Row statistics of an unmasked row: one read. Returns them (exact frame of the row max) in every thread.
 template <typename T, bool ENT>
-__device__ inline Stats<typename Elem<T>::A> row_stats(const T* z, int64_t V, const RowSplit& sp,
-                                                      typename Elem<T>::A it, Stats<typename Elem<T>::A>* smem) {
+__device__ inline Stat<typename Elem<T>::A> row_stats(const T* z, int64_t V, const RowSplit& sp,
+                                                     typename Elem<T>::A K, Stat<typename Elem<T>::A>* smem) {
   using A = typename Elem<T>::A;
-  Stats<A> st{neg_inf<A>(), A(0), A(0), A(0)};
-  for_each_elem<T>(z, V, sp, [&](int64_t, A x) { stats_add<A, ENT>(st, x, it); });
-  return block_stats<A, ENT>(st, it, smem);
+  const rowmath::Acc<A> acc = rowmath::thread_acc<A, Elem<T>::kVec, ENT>(RowSrc<T>{z}, sp.head, sp.nvec,
+                                                                         sp.tail_start, V, threadIdx.x, kBlock, K);
+  return block_stats<A>(rowmath::acc_finish(acc, K), K, smem);
+}
+
+// K = log2(e) / tau in A (the hot loop's exponent scale).
+template <typename A>
+__device__ inline A exp2_scale(const RowProblem& p) {
+  return static_cast<A>(p.inv_temp * rowmath::kLog2e);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -302,9 +263,10 @@ __device__ inline Stats<typename Elem<T>::A> row_stats(const T* z, int64_t V, co
 template <typename T, bool ENT>
 __global__ void __launch_bounds__(kBlock) fwd_kernel(RowProblem p) {
   using A = typename Elem<T>::A;
-  __shared__ Stats<A> smem[kWarps];
+  __shared__ Stat<A> smem[kWarps];
   const int64_t rows = p.S * p.T;
   const A it = static_cast<A>(p.inv_temp);
+  const A K = exp2_scale<A>(p);
   A* logp = static_cast<A*>(p.logp);
   A* lse = static_cast<A*>(p.lse);
   A* ent = static_cast<A*>(p.ent);
@@ -315,15 +277,15 @@ __global__ void __launch_bounds__(kBlock) fwd_kernel(RowProblem p) {
     }
     const T* z = logits_row<T>(p, r);
     const RowSplit sp = split_row(z, p.V);
-    const Stats<A> st = row_stats<T, ENT>(z, p.V, sp, it, smem);
+    const Stat<A> st = row_stats<T, ENT>(z, p.V, sp, K, smem);
     if (threadIdx.x == 0) {
       const int64_t y = p.tokens[r];
       const bool ok = y >= 0 && y < p.V;
       const A zy = ok ? Elem<T>::to(z[y]) : static_cast<A>(NAN);
-      const A ls = log_(st.s);
-      lse[r] = ok ? st.m * it + ls : static_cast<A>(NAN);
-      logp[r] = (zy - st.m) * it - ls;
-      ent[r] = ENT ? ls - st.h / st.s : A(0);
+      const rowmath::RowOut<A> o = rowmath::row_out(st, zy, it);
+      lse[r] = ok ? o.lse : static_cast<A>(NAN);
+      logp[r] = o.logp;
+      ent[r] = ENT ? o.ent : A(0);
     }
   }
 }
@@ -369,16 +331,20 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(RowProblem p) {
   }
 }
 
-template <typename T, bool ENT>
+// HAS_EC: ent_coef given (the entropy term in the gradient; ENT is then true).
+template <typename T, bool ENT, bool HAS_EC>
 __global__ void __launch_bounds__(kBlock) fwd_grad_kernel(RowProblem p) {
   using A = typename Elem<T>::A;
-  __shared__ Stats<A> smem[kWarps];
+  static_assert(ENT || !HAS_EC, "the entropy term needs the entropy");
+  __shared__ Stat<A> smem[kWarps];
   const int64_t rows = p.S * p.T;
   const A it = static_cast<A>(p.inv_temp);
+  const A K = exp2_scale<A>(p);
   A* logp = static_cast<A*>(p.logp);
   A* lse = static_cast<A*>(p.lse);
   A* ent = static_cast<A*>(p.ent);
   const A* coef = static_cast<const A*>(p.coef);
+  const A* ecoef = static_cast<const A*>(p.ent_coef);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     T* g = grad_row<T>(p, r);
     if (!p.mask[r]) {
@@ -391,19 +357,17 @@ __global__ void __launch_bounds__(kBlock) fwd_grad_kernel(RowProblem p) {
     const bool ok = y >= 0 && y < p.V;
     const A zy = ok ? Elem<T>::to(z[y]) : static_cast<A>(NAN);  // before any write (z may alias g)
     const RowSplit sp = split_row(z, p.V);
-    const Stats<A> st = row_stats<T, ENT>(z, p.V, sp, it, smem);  // ends with __syncthreads()
-    const A ls = log_(st.s);
-    const A lp = (zy - st.m) * it - ls;
-    const A cf = coef[r];
-    const A k = -cf * it / st.s;
-    const A m = st.m;
-    map_row<T>(z, g, p.V, sp, [&](int64_t, A x) -> A { return k * exp_((x - m) * it); });
+    const Stat<A> st = row_stats<T, ENT>(z, p.V, sp, K, smem);  // ends with __syncthreads()
+    const rowmath::RowOut<A> o = rowmath::row_out(st, zy, it);
+    const A cf = coef[r], ec = HAS_EC ? ecoef[r] : A(0);
+    const rowmath::GradConsts<A> gc = rowmath::grad_consts(st, o, K, it, cf, ec, HAS_EC);
+    map_row<T>(z, g, p.V, sp, [&](int64_t, A x) -> A { return rowmath::grad_elem<A, HAS_EC>(gc, x, K); });
     __syncthreads();
     if (threadIdx.x == 0) {
-      lse[r] = ok ? m * it + ls : static_cast<A>(NAN);
-      logp[r] = lp;
-      ent[r] = ENT ? ls - st.h / st.s : A(0);
-      if (ok) g[y] = Elem<T>::from(-cf * expm1_(lp) * it);  // coef (1 - p_y) / tau, exact for p_y ≈ 1
+      lse[r] = ok ? o.lse : static_cast<A>(NAN);
+      logp[r] = o.logp;
+      ent[r] = ENT ? o.ent : A(0);
+      if (ok) g[y] = Elem<T>::from(rowmath::grad_target(st, o, zy, it, cf, ec, HAS_EC));
     }
     __syncthreads();
   }
@@ -441,10 +405,12 @@ cudaError_t launch_bwd(const RowProblem& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_fwd_grad(const RowProblem& p, cudaStream_t stream) {
   if (p.S * p.T == 0) return cudaSuccess;
-  if (p.with_entropy)
-    fwd_grad_kernel<T, true><<<grid_for(p), kBlock, 0, stream>>>(p);
+  if (p.ent_coef != nullptr)
+    fwd_grad_kernel<T, true, true><<<grid_for(p), kBlock, 0, stream>>>(p);
+  else if (p.with_entropy)
+    fwd_grad_kernel<T, true, false><<<grid_for(p), kBlock, 0, stream>>>(p);
   else
-    fwd_grad_kernel<T, false><<<grid_for(p), kBlock, 0, stream>>>(p);
+    fwd_grad_kernel<T, false, false><<<grid_for(p), kBlock, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -35,8 +35,9 @@ struct RowProblem {
   const void* grad_ent = nullptr;  // may be null
   const void* lse_in = nullptr;
   const void* ent_in = nullptr;
-  // fwd_grad input
+  // fwd_grad inputs: coef (S, T); ent_coef (S, T) or null (then no entropy term in the gradient)
   const void* coef = nullptr;
+  const void* ent_coef = nullptr;
   // gradient output (logits' dtype), vocabulary stride 1
   void* grad = nullptr;
   int64_t gs_s = 0, gs_t = 0;

@@ -53,6 +53,19 @@ inline void check_row_tensor(const char* name, const at::Tensor& x, const at::Te
                     ", got ", x.device());
 }
 
+// `ent_coef` of fwd_grad: a contiguous (S, T) tensor in the accumulation dtype on the logits' device. Every
+// mismatch is a ValueError (as kernels.check_ent_coef raises for the Python modules), the dtype included.
+inline void check_ent_coef(const at::Tensor& x, const at::Tensor& logits) {
+  const auto acc = acc_type(logits.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == logits.size(0) && x.size(1) == logits.size(1),
+                    "ent_coef must have shape (S, T) = (", logits.size(0), ", ", logits.size(1), "), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == acc, "ent_coef must be ", acc, " for ", logits.scalar_type(),
+                    " logits, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == logits.device(), "ent_coef must be on the logits' device ", logits.device(),
+                    ", got ", x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "ent_coef must be contiguous, got strides ", x.strides());
+}
+
 // `out` for the gradient: the logits' shape, dtype and device, vocabulary stride 1.
 inline void check_out(const at::Tensor& out, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(out.sizes() == logits.sizes(), "out must have the logits' shape ", logits.sizes(), ", got ",

@@ -123,14 +123,20 @@ struct RowOps {
     bwd_into(grad_logp, grad_entropy, logits, tokens, mask, lse, entropy, temperature, out, check_ids);
   }
 
+  // ent_coef (optional): adds the entropy term -ent_coef p_v (z_v/tau - (lse - H)) / tau to the gradient; the
+  // entropy is then computed (and returned) whatever with_entropy says.
   static Stats fwd_grad_into(const Tensor& logits, const Tensor& tokens, const Tensor& mask, const Tensor& coef,
-                             double temperature, bool with_entropy, const Tensor& out, bool check_ids) {
+                             double temperature, bool with_entropy, const Tensor& out, bool check_ids,
+                             const std::optional<Tensor>& ent_coef) {
     std::tuple<Tensor, Tensor> keep;
     RowProblem p = problem(logits, tokens, mask, temperature, check_ids, keep);
     check_row_tensor("coef", coef, logits);
+    const bool has_ec = ent_coef.has_value() && ent_coef->defined();
+    if (has_ec) check_ent_coef(*ent_coef, logits);
     Tensor c = coef.contiguous();
-    Stats stats = add_stats(p, logits, with_entropy);
+    Stats stats = add_stats(p, logits, with_entropy || has_ec);
     p.coef = c.const_data_ptr();
+    p.ent_coef = has_ec ? ent_coef->const_data_ptr() : nullptr;
     set_grad(p, out);
     Dev::run(Kind::FwdGrad, logits.scalar_type(), p);
     return stats;
@@ -139,20 +145,22 @@ struct RowOps {
   static std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_grad(const Tensor& logits, const Tensor& tokens,
                                                              const Tensor& mask, const Tensor& coef,
                                                              double temperature, bool with_entropy,
-                                                             bool check_ids) {
+                                                             bool check_ids, const std::optional<Tensor>& ent_coef) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     Tensor out = Dev::new_grad(logits);
-    auto [logp, lse, ent] = fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids);
+    auto [logp, lse, ent] =
+        fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids, ent_coef);
     return {logp, lse, ent, out};
   }
 
   static Stats fwd_grad_out(const Tensor& logits, const Tensor& tokens, const Tensor& mask, const Tensor& coef,
-                            double temperature, bool with_entropy, const Tensor& out, bool check_ids) {
+                            double temperature, bool with_entropy, const Tensor& out, bool check_ids,
+                            const std::optional<Tensor>& ent_coef) {
     const typename Dev::Guard guard(logits);
     check_common(logits, tokens, mask, temperature, Dev::type);
     check_out(out, logits);
-    return fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids);
+    return fwd_grad_into(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids, ent_coef);
   }
 };
 

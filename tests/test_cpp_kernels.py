@@ -1,9 +1,11 @@
 """What is specific to the C++ kernels of ``csrc/`` (backends ``"cpu"`` and ``"cuda"``, module
 ``grpo_kernels.kernels.native``): loading and the JIT build, the ``grpo_kernels_C`` ops themselves (their
-argument checks, opcheck and torch.compile), the SIMD variants and thread-count independence, fp16, and parity
-with the eager reference. The kernel contract itself (masked rows, ``-inf``, bf16 error, p ≈ 1, determinism,
-``out=`` in place and strided, ``check_ids``, opcheck of the gateway ops, bad input) is checked for every backend,
-these two included, by ``test_kernel_contract.py``.
+argument checks, opcheck and torch.compile), the SIMD variants and thread-count independence, fp16, parity
+with the eager reference, ``fwd_grad`` with ``ent_coef``, and the relative accuracy of confident targets. The kernel
+contract itself (masked rows, ``-inf``, bf16 error, p ≈ 1, determinism, ``out=`` in place and strided,
+``check_ids``, opcheck of the gateway ops, bad input) is checked for every backend, these two included, by
+``test_kernel_contract.py``. The CUDA kernels' row arithmetic is also checked without a GPU, on the CPU, by
+``test_cuda_rowmath.py``.
 
 Everything is checked against the eager reference (``grpo_kernels.reference``) and autograd, on small ragged
 shapes (S=6, G=3, T=5, V=67: V is not a multiple of any vector width, so every row has a scalar tail) that
@@ -174,6 +176,143 @@ def test_fwd_grad_matches_autograd(device, dtype, temperature, where):
     f_logp, f_lse, f_ent = cx.logprobs_fwd(z, tk, keep, temperature, True)
     torch.testing.assert_close(lse, f_lse, rtol=0, atol=0)
     torch.testing.assert_close(logp, f_logp, rtol=0, atol=0)
+
+
+def _entropy_objective_grad(z, tok, keep, coef, ent_coef, temperature):
+    """fp64 autograd of Σ coef·ℓ + Σ ent_coef·H through the eager reference (the eager formula of fwd_grad with
+    ent_coef), and the same from the closed form (coef (1[v=y] − p) − ent_coef p (z/τ − (lse − H)))/τ."""
+    zr = z.detach().to(torch.float64).requires_grad_()
+    rl, rh = _ref(zr, tok, keep, temperature)
+    (want,) = torch.autograd.grad((coef.double() * rl).sum() + (ent_coef.double() * rh).sum(), zr)
+    zd = z.detach().double() / temperature
+    lse = torch.logsumexp(zd, -1, keepdim=True)
+    p = (zd - lse).exp()
+    H = rh.detach()[..., None]
+    onehot = torch.nn.functional.one_hot(tok.clamp(min=0), z.shape[-1]).double()
+    t = torch.where(p > 0, zd - (lse - H), torch.zeros_like(zd))
+    closed = (coef.double()[..., None] * (onehot - p) - ent_coef.double()[..., None] * p * t) / temperature
+    closed = torch.where(keep[..., None], closed, torch.zeros_like(closed))
+    return want, closed, rl.detach(), rh.detach()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("where", ["new", "out", "logits"])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fwd_grad_with_ent_coef(device, dtype, temperature, where, with_entropy):
+    """``ent_coef=`` adds the entropy term: the gradient equals the same module's two-pass ``logprobs_bwd(coef,
+    ent_coef)`` and the eager formula (autograd of Σ coef·ℓ + ent_coef·H); the entropy is returned whatever
+    ``with_entropy`` says; masked rows are exactly zero, -inf entries exactly zero and finite elsewhere; into a new
+    buffer, ``out=`` and ``out=logits``."""
+    z, tok, m, _ = _inputs(dtype, device)
+    keep = _keep(tok, m)
+    tk = tok.clamp(min=0)
+    coef = torch.randn(S, T, dtype=_acc(dtype), device=device)
+    ec = torch.randn(S, T, dtype=_acc(dtype), device=device)
+    want, closed, rl, rh = _entropy_objective_grad(z, tok, keep, coef, ec, temperature)
+    torch.testing.assert_close(closed, want, rtol=1e-9, atol=1e-12)  # the formula is the objective's gradient
+    if where == "new":
+        logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, with_entropy, ent_coef=ec)
+    elif where == "out":
+        out = torch.full_like(z, float("nan"))
+        logp, lse, ent, g = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, with_entropy, out=out, ent_coef=ec)
+        assert g is out
+    else:
+        zc = z.clone()
+        logp, lse, ent, g = cx.logprobs_fwd_grad(zc, tk, keep, coef, temperature, with_entropy, out=zc, ent_coef=ec)
+        assert g is zc
+    assert g.dtype == dtype and g.shape == z.shape
+    torch.testing.assert_close(g.double(), want, **_gtol(dtype))
+    torch.testing.assert_close(logp, rl.to(logp.dtype), **_tol(dtype))
+    torch.testing.assert_close(ent, rh.to(ent.dtype), **_tol(dtype))
+    assert (g[~keep] == 0).all() and not torch.signbit(g[~keep]).any()
+    assert torch.isfinite(g).all()
+    assert (g[0, 0, : V // 3] == 0).all() and (g[1, 2, 1::2] == 0).all()  # the -inf entries of make_inputs
+    # the same module's two-pass backward with g_ℓ = coef, g_H = ent_coef, from the same forward
+    f_logp, f_lse, f_ent = cx.logprobs_fwd(z, tk, keep, temperature, True)
+    torch.testing.assert_close(lse, f_lse, rtol=0, atol=0)
+    torch.testing.assert_close(logp, f_logp, rtol=0, atol=0)
+    torch.testing.assert_close(ent, f_ent, rtol=0, atol=0)
+    gb = cx.logprobs_bwd(coef, ec, z, tk, keep, f_lse, f_ent, temperature)
+    torch.testing.assert_close(g.double(), gb.double(), **_gtol(dtype))
+    # ent_coef = 0 is the plain one-pass gradient
+    g0 = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, True, ent_coef=torch.zeros_like(ec))[3]
+    g1 = cx.logprobs_fwd_grad(z, tk, keep, coef, temperature, True)[3]
+    torch.testing.assert_close(g0.double(), g1.double(), **_gtol(dtype))
+
+
+def test_fwd_grad_ent_coef_errors(device):
+    """A bad ent_coef is a ValueError naming it (shape, dtype, device, layout), from both op forms."""
+    z, tok, keep, row = _good(device)
+    out = torch.empty_like(z)
+    bad = [(row[:1], "ent_coef must have shape"), (row.double(), "ent_coef must be Float for Float logits"),
+           (torch.zeros(3, 2, device=device).t(), "ent_coef must be contiguous"),
+           (torch.zeros(2, 3, 1, device=device), "ent_coef must have shape")]
+    if device == "cuda":
+        bad.append((row.cpu(), "ent_coef must be on the logits' device"))
+    for ec, match in bad:
+        with pytest.raises(ValueError, match=match):
+            cx.logprobs_fwd_grad(z, tok, keep, row, 1.0, False, ent_coef=ec)
+        with pytest.raises(ValueError, match=match):
+            cx.logprobs_fwd_grad(z, tok, keep, row, 1.0, False, out=out, ent_coef=ec)
+    with pytest.raises(ValueError, match="ent_coef must be Double for Double logits"):
+        cx.logprobs_fwd_grad(z.double(), tok, keep, row.double(), 1.0, False, ent_coef=row)
+
+
+def _confident_rows(device, dtype, temperature, R=48, V=4099, seed=0):
+    """fp32 values of ``dtype`` logits whose targets sit 20–40 logits (×τ) above every other class (1 − p_y from
+    ~1e-7 down to ~1e-17), -inf entries in one row, one target in the scalar tail; and the fp64 references
+    ``log p_y = −log1p(rest)`` and ``1 − p_y = rest/(1 + rest)``, ``rest = Σ_{v≠y} exp((z_v − z_y)/τ)``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, R, V, generator=g, dtype=torch.float64) * 2
+    tok = torch.randint(0, V, (1, R), generator=g)
+    tok[0, 1] = V - 1
+    z[0, 0, : V // 2] = float("-inf")
+    tok[0, 0] = V - 3
+    gap = 20 + 20 * torch.rand(R, generator=g, dtype=torch.float64)
+    z[0, torch.arange(R), tok[0]] = z[0].max(-1).values + gap * temperature
+    z = z.to(dtype)
+    zd = z.double()
+    d = (zd - zd.gather(-1, tok[..., None])) / temperature
+    others = d.scatter(-1, tok[..., None], float("-inf"))
+    rest = others.exp().sum(-1)
+    # allowed relative error: 8 ulps plus the rounding of the exponent argument of the closest class, in log2
+    # units |u|·2⁻²⁴ (an fp32 exp(t) of |t| ≈ 20–40 carries it; see tests/test_cuda_rowmath.py)
+    bound = 2.0 ** -24 * (8 + others.max(-1).values.abs() * 1.4426950408889634)
+    return z.to(device), tok.to(device), -torch.log1p(rest), rest / (1 + rest), bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
+    """Targets with p_y = 1 − (1e-7 … 1e-17): log p_y (fwd and fwd_grad) and the target's gradient c·(1 − p_y)/τ
+    (fwd_grad, also with ent_coef) to fp32 relative accuracy -- the sum of the other classes is never rounded
+    against the target's term (the earlier CPU kernels lost up to ~60% of 1 − p_y here, the CUDA ones all of it)."""
+    z, tok, ref_lp, ref_omp, bound = _confident_rows(device, dtype, temperature)
+    R = tok.shape[1]
+    keep = torch.ones_like(tok, dtype=torch.bool)
+    coef = torch.linspace(-2, 2, R, device=device)[None]
+    lp_f = cx.logprobs_fwd(z, tok, keep, temperature, False)[0]
+    lp, _, _, g = cx.logprobs_fwd_grad(z, tok, keep, coef, temperature, False)
+    for x in (lp_f, lp):
+        rel = (x.double().cpu() / ref_lp - 1).abs()
+        assert (rel <= bound).all(), (rel / 2.0 ** -24).max().item()
+    gy = g.gather(-1, tok[..., None])[..., 0].double().cpu()
+    want = coef.double().cpu() * ref_omp / temperature
+    rel = (gy / want - 1).abs()
+    tol = bound + (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24)  # + the rounding to the gradient's dtype
+    assert (rel <= tol).all(), (rel / 2.0 ** -24).max().item()
+    # with ent_coef: the target's entry (coef (1 − p_y) − ent_coef p_y (t_y − mu))/τ, t_y − mu = Σ_v p_v (z_y − z_v)/τ
+    ec = torch.linspace(1, -1, R, device=device)[None]
+    g2 = cx.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, ent_coef=ec)[3]
+    zd = z.double().cpu()
+    t = (zd - zd.gather(-1, tok.cpu()[..., None])) / temperature
+    e = t.exp().scatter(-1, tok.cpu()[..., None], 0.0)
+    et = torch.where(e > 0, e * t, torch.zeros_like(e))  # (-inf entries: e = 0)
+    ty_mu = -et.sum(-1) / (1 + e.sum(-1))  # t_y − mu (the target is the max: t_y = 0 relative to it)
+    want2 = (coef.double().cpu() * ref_omp - ec.double().cpu() * (1 - ref_omp) * ty_mu) / temperature
+    gy2 = g2.gather(-1, tok[..., None])[..., 0].double().cpu()
+    assert ((gy2 / want2 - 1).abs() <= tol + 1e-6).all()
 
 
 def test_large_vocabulary_rows(device):
@@ -369,6 +508,9 @@ def test_opcheck_grpo_kernels_C_ops(device):
     torch.library.opcheck(ops.logprobs_bwd_out, (coef, None, z, tk, keep, lse, ent, 0.9, torch.empty_like(z)))
     torch.library.opcheck(ops.logprobs_fwd_grad, (z, tk, keep, coef, 0.9, True))
     torch.library.opcheck(ops.logprobs_fwd_grad_out, (z, tk, keep, coef, 0.9, False, torch.empty_like(z)))
+    ec = torch.randn(4, 4, device=device)
+    torch.library.opcheck(ops.logprobs_fwd_grad, (z, tk, keep, coef, 0.9, False, True, ec))
+    torch.library.opcheck(ops.logprobs_fwd_grad_out, (z, tk, keep, coef, 0.9, False, torch.empty_like(z), False, ec))
 
 
 def test_torch_compile_fullgraph(device):
@@ -388,7 +530,7 @@ def test_torch_compile_fullgraph(device):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The portable and AVX2 variants (the process above runs the best one for this CPU)
+# The SIMD variants, each forced in a subprocess (the process above runs the best one for this CPU)
 # --------------------------------------------------------------------------------------------------------------
 _VARIANT_SCRIPT = r"""
 import torch, grpo_kernels.kernels.native as cx
@@ -397,14 +539,17 @@ cx.ensure_loaded("cpu")
 print(torch.ops.grpo_kernels_C.cpu_isa())
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     z = (torch.randn(4, 3, 37, dtype=torch.float64) * 3).to(dtype)
     z[0, 0, :5] = float("-inf")
     tok = torch.randint(0, 37, (4, 3)); keep = torch.rand(4, 3) > 0.2
-    coef = torch.randn(4, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    coef = torch.randn(4, 3, dtype=acc)
+    ec = torch.randn(4, 3, dtype=acc)
     logp, lse, ent, g = cx.logprobs_fwd_grad(z, tok, keep, coef, 0.8, True)
     zr = z.double().requires_grad_()
     rl, rh = ref.token_logprobs(zr, torch.where(keep, tok, -100), 0.8, return_entropy=True)
     want, = torch.autograd.grad((coef.double() * rl).sum() + (coef.double() * rh).sum(), zr, retain_graph=True)
+    want_ec, = torch.autograd.grad((coef.double() * rl).sum() + (ec.double() * rh).sum(), zr, retain_graph=True)
     want_fg, = torch.autograd.grad((coef.double() * rl).sum(), zr)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=1e-5)
     torch.testing.assert_close(logp.double(), rl.detach(), rtol=1e-5, atol=1e-5)
@@ -412,12 +557,30 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
     torch.testing.assert_close(g.double(), want_fg, **tol)
     gb = cx.logprobs_bwd(coef, coef, z, tok, keep, lse, ent, 0.8)
     torch.testing.assert_close(gb.double(), want, **tol)
+    # the one-pass gradient with the entropy term, new buffer and in place
+    logp2, lse2, ent2, g2 = cx.logprobs_fwd_grad(z, tok, keep, coef, 0.8, False, ent_coef=ec)
+    torch.testing.assert_close(g2.double(), want_ec, **tol)
+    assert torch.equal(logp2, logp) and torch.equal(ent2, ent) and (g2[~keep] == 0).all()
+    zc = z.clone()
+    cx.logprobs_fwd_grad(zc, tok, keep, coef, 0.8, False, out=zc, ent_coef=ec)
+    assert torch.equal(zc, g2)
+# a confident target: 1 - p_y ≈ e^-30 keeps its relative accuracy (log p_y and the target's gradient)
+z = torch.randn(1, 2, 1000) * 2
+z[0, :, 7] = z.max() + 30
+tok = torch.full((1, 2), 7); keep = torch.ones(1, 2, dtype=torch.bool)
+d = (z.double() - z[..., 7:8].double()); d[..., 7] = float("-inf")
+rest = d.exp().sum(-1)
+lp, _, _, g = cx.logprobs_fwd_grad(z, tok, keep, torch.ones(1, 2), 1.0, False)
+assert ((lp.double() / -torch.log1p(rest) - 1).abs() < 1e-5).all(), lp
+assert ((g[..., 7].double() / (rest / (1 + rest)) - 1).abs() < 1e-5).all()
 print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_simd_variants_match_reference(capability):
+    """Each SIMD variant, forced with ATEN_CPU_CAPABILITY in a subprocess (a CPU without it runs the next one
+    down): fwd, bwd, fwd_grad with and without ent_coef, in place, and a confident target."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -426,5 +589,7 @@ def test_simd_variants_match_reference(capability):
     assert lines[-1] == "ok"
     if capability == "default":
         assert lines[0] == "DEFAULT"
-    else:
+    elif capability == "avx2":
         assert lines[0] in ("AVX2", "DEFAULT")  # DEFAULT on CPUs without AVX2
+    else:
+        assert lines[0] in ("AVX512", "AVX2", "DEFAULT")

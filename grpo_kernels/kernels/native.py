@@ -1,9 +1,9 @@
 """Kernel module of the ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA ops of ``csrc/`` (library ``grpo_kernels_C``).
 
 Implements the kernel contract of :mod:`grpo_kernels.kernels` (``is_available``, ``logprobs_fwd``,
-``logprobs_bwd`` with ``out=``, the one-pass ``logprobs_fwd_grad``); ``check_ids`` goes to the C++ ops, which
-check the ids themselves. Shapes: logits ``(S, T, V)`` with a
-unit vocabulary stride, ``tokens (S, T)`` int64, ``mask (S, T)`` bool, per-row tensors ``(S, T)`` in fp32
+``logprobs_bwd`` with ``out=``, the one-pass ``logprobs_fwd_grad`` with ``ent_coef=``); ``check_ids`` and
+``ent_coef`` go to the C++ ops, which check them themselves. Shapes: logits ``(S, T, V)`` with a unit vocabulary
+stride, ``tokens (S, T)`` int64, ``mask (S, T)`` bool, per-row tensors ``(S, T)`` in fp32
 (fp64 for fp64 logits).
 
 How the compiled code is found (lazily, on the first call -- importing this module builds nothing):
@@ -152,16 +152,52 @@ def _load_cuda() -> None:
     _jit("grpo_kernels_C_cuda", _check_sources(_CUDA_SOURCES), cuda=True)
 
 
+#: A file of ``<kind>: <reason>`` lines: a build failure recorded by one process is not retried by the next ones
+#: (benchmarks/gpu_session.sh sets it, so a failed CUDA build costs its time budget once per session).
+FAILED_FILE_ENV = "GRPO_KERNELS_BUILD_FAILED_FILE"
+
+
+def _recorded_failure(kind: str) -> Optional[str]:
+    path = os.environ.get(FAILED_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                k, sep, reason = line.partition(":")
+                if sep and k.strip() == kind:
+                    return f"{reason.strip()} (recorded in {path}; not retried)"
+    except OSError:
+        pass
+    return None
+
+
+def _record_failure(kind: str, reason: str) -> None:
+    path = os.environ.get(FAILED_FILE_ENV)
+    if path and _recorded_failure(kind) is None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{kind}: {' '.join(reason.split())}\n")
+        except OSError:
+            pass
+
+
 def ensure_loaded(kind: str = "cpu") -> None:
-    """Load (building if needed) the ``"cpu"`` or ``"cuda"`` ops once; re-raises the first failure."""
+    """Load (building if needed) the ``"cpu"`` or ``"cuda"`` ops once; re-raises the first failure (also one
+    recorded by an earlier process in ``$GRPO_KERNELS_BUILD_FAILED_FILE``)."""
     with _lock:
         st = _state.get(kind)
         if st is None:
-            try:
-                (_load_cpu if kind == "cpu" else _load_cuda)()
-                st = (True, "")
-            except Exception as e:  # remembered: a failed build is not retried on every call
-                st = (False, f"{type(e).__name__}: {e}")
+            recorded = _recorded_failure(kind)
+            if recorded is not None:
+                st = (False, recorded)
+            else:
+                try:
+                    (_load_cpu if kind == "cpu" else _load_cuda)()
+                    st = (True, "")
+                except Exception as e:  # remembered: a failed build is not retried on every call
+                    st = (False, f"{type(e).__name__}: {e}")
+                    _record_failure(kind, st[1])
             _state[kind] = st
     if not st[0]:
         raise RuntimeError(f"grpo_kernels C++ {kind} ops are unavailable: {st[1]}")
@@ -212,20 +248,23 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tens
 
 
 def logprobs_fwd_grad(logits: Tensor, tokens: Tensor, mask: Tensor, coef: Tensor, temperature: float,
-                      with_entropy: bool, out: Optional[Tensor] = None,
-                      check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      with_entropy: bool, out: Optional[Tensor] = None, check_ids: bool = True,
+                      ent_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass: ``(logp, lse, entropy, grad)`` with ``grad[s,t,v] = coef[s,t] (1[v=y] - p_v) / τ``.
 
-    ``coef (S, T)`` fp32 (fp64 for fp64 logits). ``grad`` is a new contiguous tensor in the logits' dtype, or
-    ``out`` (which may be the logits themselves: each row is read before it is overwritten).
+    ``coef (S, T)`` fp32 (fp64 for fp64 logits). ``ent_coef (S, T)`` (contiguous, same dtype; optional) adds the
+    entropy term ``- ent_coef[s,t] p_v (z_v/τ - (lse - H)) / τ`` (the two-pass backward's formula with
+    ``g_ℓ = coef``, ``g_H = ent_coef``); the entropy is then computed and returned whatever ``with_entropy`` says.
+    ``grad`` is a new contiguous tensor in the logits' dtype, or ``out`` (which may be the logits themselves: each
+    row is read before it is overwritten).
     """
     ensure_loaded(_kind(logits))
     ops = torch.ops.grpo_kernels_C
     if out is None:
         return ops.logprobs_fwd_grad(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                     bool(check_ids))
+                                     bool(check_ids), ent_coef)
     logp, lse, ent = ops.logprobs_fwd_grad_out(logits, tokens, mask, coef, float(temperature), bool(with_entropy),
-                                               out, bool(check_ids))
+                                               out, bool(check_ids), ent_coef)
     return logp, lse, ent, out
 
 
@@ -256,11 +295,12 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "logprobs_fwd_grad")
-    def _fwd_grad_fake(logits, tokens, mask, coef, temperature, with_entropy, check_ids=True):
+    def _fwd_grad_fake(logits, tokens, mask, coef, temperature, with_entropy, check_ids=True, ent_coef=None):
         return _rows(logits), _rows(logits), _rows(logits), logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "logprobs_fwd_grad_out")
-    def _fwd_grad_out_fake(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids=True):
+    def _fwd_grad_out_fake(logits, tokens, mask, coef, temperature, with_entropy, out, check_ids=True,
+                           ent_coef=None):
         return _rows(logits), _rows(logits), _rows(logits)
 
     _fakes_registered = True
