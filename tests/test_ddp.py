@@ -58,8 +58,9 @@ def _worker(rank, world, port, out, loss_type):
         # way round, at the function's return, its destructor can block on the torn-down group.
         del tr
         gc.collect()
-    finally:
-        torch.distributed.destroy_process_group()
+    finally:  # (a failed rendezvous leaves no group: its own error must show, not destroy's)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _free_port():

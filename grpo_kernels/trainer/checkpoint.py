@@ -7,7 +7,14 @@ A checkpoint directory ``output_dir/checkpoint-<step>/`` holds:
 * ``trainer_state.pt``: optimizer, LR scheduler, step, metric history, ``target_reached``, the config and the
   world size (rank 0);
 * ``rng_state_<rank>.pt``: every rank's Python / torch / CUDA / numpy RNG state;
-* ``checkpoint_complete.json``, written last: the step, the world size and the size of every other file.
+* ``checkpoint_complete.json``, written last: the step, the world size, the format and the size of every other file.
+
+Under FSDP (``config.fsdp`` under torchrun, :mod:`.fsdp`) the model and the optimizer are sharded, and so is the
+checkpoint (format ``"fsdp"``): ``sharded/`` holds them as written by ``torch.distributed.checkpoint``
+(``get_state_dict``: every rank its shard file, rank 0 the ``.metadata``), ``trainer_state.pt`` has no optimizer, and
+instead of ``model.safetensors`` there is only the model's ``config.json`` (``final/`` and :meth:`save_model` still
+write one full safetensors file, gathered on rank 0). An FSDP checkpoint is restored by an FSDP run of the same
+world size (each rank reads its shard), a full one by a run without FSDP.
 
 Atomic saves: every file is written into a temporary sibling directory ``output_dir/.tmp-checkpoint-<step>``
 (rank 0 the model and state, every rank its RNG file), each file is fsynced, all ranks meet at a barrier, and
@@ -18,11 +25,11 @@ checkpoint against its marker (a missing, truncated or extended file is caught; 
 :meth:`CheckpointMixin.latest_checkpoint` returns the newest checkpoint that passes, warning about each newer
 one it skips.
 
-Resuming needs the same world size: the data order (:meth:`GRPOTrainer.batch_indices`) depends on it; and the
-fields of :data:`RESUME_MUST_MATCH` must equal the checkpoint's (the others may differ, with a warning, except
-:data:`RESUME_IGNORED`). :class:`CheckpointMixin` reads the trainer's ``config``, ``step``, ``history``,
+Resuming needs the same world size: the data order (:meth:`GRPOTrainer.batch_indices`) depends on it (and so do
+FSDP's shards); and the fields of :data:`RESUME_MUST_MATCH` must equal the checkpoint's (the others may differ, with
+a warning, except :data:`RESUME_IGNORED`). :class:`CheckpointMixin` reads the trainer's ``config``, ``step``, ``history``,
 ``target_reached``, ``optimizer``, ``scheduler``, ``unwrapped``, ``tokenizer``, ``device``, ``rank``,
-``world_size`` and ``is_main``.
+``world_size``, ``is_main`` and ``fsdp``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..options import LossOptions
+from .fsdp import SHARDED_DIR
 
 STATE_FILE = "trainer_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -159,11 +167,12 @@ def checkpoint_problem(path: str) -> Optional[str]:
             info = json.load(f)
         files = info["files"]
         world = int(info.get("world_size", 1))
+        weights = f"{SHARDED_DIR}/.metadata" if info.get("format") == "fsdp" else MODEL_FILE
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
     except Exception as e:  # noqa: BLE001 - any damage to the marker means: not complete
         return f"unreadable {COMPLETE_FILE} ({_first_line(e)})"
-    for name in (MODEL_FILE, STATE_FILE) + tuple(f"rng_state_{r}.pt" for r in range(world)):
+    for name in (weights, STATE_FILE) + tuple(f"rng_state_{r}.pt" for r in range(world)):
         if name not in files:
             return f"{COMPLETE_FILE} does not list {name}"
     for rel, size in sorted(files.items()):
@@ -207,36 +216,55 @@ class CheckpointMixin:
         if self.world_size > 1:
             dist.barrier()
 
-    def _write_model(self, path: str) -> None:
-        """Model (safetensors) and tokenizer into ``path``, every file fsynced (rank 0 only)."""
+    def _full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Under FSDP the full model state dict, gathered on rank 0 (a collective: every rank calls this before
+        rank 0 writes); None otherwise (``save_pretrained`` reads the model itself)."""
+        if not getattr(self, "fsdp", False):
+            return None
+        from .fsdp import full_model_state_dict
+
+        return full_model_state_dict(self.unwrapped)
+
+    def _write_model(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                     weights: bool = True) -> None:
+        """Model (safetensors; from ``state_dict`` when given) and tokenizer into ``path``, every file fsynced (rank
+        0 only). ``weights=False``: the model's config only (the weights of an FSDP checkpoint are in its shards)."""
         os.makedirs(path, exist_ok=True)
-        self.unwrapped.save_pretrained(path, safe_serialization=True)
+        if weights:
+            self.unwrapped.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        else:
+            self.unwrapped.config.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         for rel in _files(path):
             _fsync_file(os.path.join(path, rel))
 
     def save_model(self, path: str):
-        """The model (safetensors) and tokenizer to ``path`` (rank 0; every rank waits for it)."""
+        """The model (safetensors) and tokenizer to ``path`` (rank 0; every rank waits for it). Under FSDP every
+        rank must call it: the full weights are gathered on rank 0 first."""
+        sd = self._full_state_dict()
         if self.is_main:
-            self._write_model(path)
+            self._write_model(path, sd)
         self._barrier()
 
     def _save_model_atomic(self, path: str) -> None:
         """:meth:`save_model` into a temporary sibling, renamed to ``path`` when complete (``final/``: a crash
         leaves the previous ``final/`` or the new one, never a torn one)."""
+        sd = self._full_state_dict()
         if self.is_main:
             tmp = _tmp_sibling(path)
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp)
-            self._write_model(tmp)
+            self._write_model(tmp, sd)
             _publish(tmp, path)
         self._barrier()
 
     def save_checkpoint(self, path: Optional[str] = None) -> str:
         """``output_dir/checkpoint-<step>``, written atomically (see the module docstring): model (safetensors)
-        + tokenizer + optimizer/scheduler/step/history on rank 0, every rank's RNG state, then the completion
+        + tokenizer + optimizer/scheduler/step/history on rank 0 (under FSDP: the model and optimizer shards of
+        every rank, through ``torch.distributed.checkpoint``), every rank's RNG state, then the completion
         marker. Returns the checkpoint's path."""
+        fsdp = getattr(self, "fsdp", False)
         path = os.path.normpath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
         tmp = _tmp_sibling(path)
         if self.is_main:
@@ -244,17 +272,24 @@ class CheckpointMixin:
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
         self._barrier()  # the directory exists for every rank
+        if fsdp:  # every rank writes its shard (fsynced); rank 0 the metadata, last
+            from .fsdp import save_sharded
+
+            save_sharded(self.unwrapped, self.optimizer, os.path.join(tmp, SHARDED_DIR))
         if self.is_main:
-            self._write_model(tmp)
-            _torch_save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+            self._write_model(tmp, weights=not fsdp)
+            _torch_save({"step": self.step, "optimizer": None if fsdp else self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "history": self.history,
                          "target_reached": self.target_reached, "config": self.config.to_dict(),
-                         "world_size": self.world_size}, os.path.join(tmp, STATE_FILE))
+                         "world_size": self.world_size, "fsdp": fsdp,
+                         "adaptive_entropy": None if self.adaptive_entropy is None
+                         else self.adaptive_entropy.state_dict()}, os.path.join(tmp, STATE_FILE))
         _torch_save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
         self._barrier()  # every rank's files are durable before the marker says so
         if self.is_main:
             marker = os.path.join(tmp, COMPLETE_FILE)
-            info = {"step": self.step, "world_size": self.world_size, "files": _files(tmp)}
+            info = {"step": self.step, "world_size": self.world_size, "format": "fsdp" if fsdp else "full",
+                    "files": _files(tmp)}
             with open(marker, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=1)
                 f.flush()
@@ -304,7 +339,8 @@ class CheckpointMixin:
 
         Every check comes before anything is changed: the checkpoint is complete (a checkpoint without a
         completion marker, from an older version, is loaded with a warning), readable, of the same world size,
-        and its config agrees with this run's (:data:`RESUME_MUST_MATCH`)."""
+        sharded exactly when this run is (FSDP), and its config agrees with this run's (:data:`RESUME_MUST_MATCH`).
+        Under FSDP every rank reads its own shard of the model and optimizer (``torch.distributed.checkpoint``)."""
         if path == "latest":
             p = self.latest_checkpoint()
             if p is None:
@@ -329,12 +365,34 @@ class CheckpointMixin:
 
         state = self._read_checkpoint_file(path, STATE_FILE,
                                            lambda p: torch.load(p, map_location="cpu", weights_only=False))
-        if state.get("world_size", 1) != self.world_size:
-            raise ValueError(f"checkpoint was written with world_size={state.get('world_size')} but this run has "
-                             f"{self.world_size}; the data order would differ")
+        saved_world, saved_fsdp = int(state.get("world_size", 1)), bool(state.get("fsdp"))
+        fsdp = getattr(self, "fsdp", False)
+        if saved_world != self.world_size:
+            what = " (FSDP-sharded: one shard of the model and optimizer per rank)" if saved_fsdp else ""
+            raise ValueError(f"checkpoint {path!r} was written with world_size={saved_world}{what} but this run has "
+                             f"world_size={self.world_size}; resume with {saved_world} processes (torchrun "
+                             f"--nproc_per_node {saved_world}): the data order depends on the world size")
+        if saved_fsdp != fsdp:
+            raise ValueError(f"checkpoint {path!r} is " + ("FSDP-sharded (fsdp=True) but this run is not sharded"
+                                                           if saved_fsdp else "not sharded but this run uses FSDP")
+                             + f"; resume with fsdp={saved_fsdp} (--fsdp {str(saved_fsdp).lower()})")
         self._check_resume_config(state.get("config"), path)
         rng = self._read_checkpoint_file(path, f"rng_state_{self.rank}.pt",
                                          lambda p: torch.load(p, map_location="cpu", weights_only=False))
+        if fsdp:
+            from .fsdp import load_sharded
+
+            # a collective: every rank got this far (the checks above read the same files on every rank)
+            shards = os.path.join(path, SHARDED_DIR)
+            if not os.path.isfile(os.path.join(shards, ".metadata")):
+                raise ValueError(f"checkpoint {path!r} has no {SHARDED_DIR}/.metadata (its FSDP shards)")
+            try:
+                load_sharded(self.unwrapped, self.optimizer, shards)
+            except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
+                raise ValueError(f"checkpoint {path!r}: cannot read {SHARDED_DIR}/ ({_first_line(e)}); it is "
+                                 f"damaged, resume from an earlier checkpoint") from e
+            self._restore_trainer_state(state, rng)
+            return path
         sd = self._read_checkpoint_file(path, MODEL_FILE, lambda p: load_file(p, device=str(self.device)))
         want = set(self.unwrapped.state_dict())
         tied = set(getattr(self.unwrapped, "_tied_weights_keys", None) or [])
@@ -343,9 +401,15 @@ class CheckpointMixin:
             raise ValueError(f"checkpoint {path!r} does not match the model: missing={missing}, unexpected={unexpected}")
         self.unwrapped.load_state_dict(sd, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_trainer_state(state, rng)
+        return path
+
+    def _restore_trainer_state(self, state: Dict[str, Any], rng: Dict[str, Any]) -> None:
+        """Scheduler, step, metric history, ``target_reached`` and this rank's RNG streams from a checkpoint."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.target_reached = state.get("target_reached")
+        if self.adaptive_entropy is not None and state.get("adaptive_entropy") is not None:
+            self.adaptive_entropy.load_state_dict(state["adaptive_entropy"])
         _set_rng_state(rng)
-        return path

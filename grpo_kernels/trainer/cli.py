@@ -7,6 +7,7 @@ With no task arguments (no ``--model``/``--dataset``/``--config``) it runs the b
     grpo-kernels train --model ./my-qwen --dataset math.jsonl --reward-funcs exact_answer --output-dir run1
     grpo-kernels train --config recipe.yaml --max-steps 50 --learning-rate 2e-6
     torchrun --nproc_per_node 2 -m grpo_kernels.cli train --dataset data.jsonl --model ./ckpt
+    torchrun --nproc_per_node 8 -m grpo_kernels.cli train --dataset data.jsonl --model ./ckpt --fsdp   # sharded
 
 Every :class:`~grpo_kernels.trainer.GRPOConfig` field is a flag (``--per-device-batch-size``, ``--loss-type`` ...);
 flags override the config file, which overrides the defaults (the demo's tuned defaults for the demo). Options

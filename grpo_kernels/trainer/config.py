@@ -118,6 +118,30 @@ class GRPOConfig:
     importance_sampling_level: str = "token"
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds the k3 KL (TRL's beta)
     max_completion_length: Optional[int] = None  # dr_grpo normalizer (the trainer uses max_new_tokens when None)
+    use_bias_correction_kl: bool = True  # KL times the importance ratio (TRL's default), clipped loss types
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_coef: float = 0.0  # entropy bonus (the initial value under use_adaptive_entropy)
+    top_entropy_quantile: float = 1.0  # policy loss on the top fraction of tokens by entropy
+    off_policy_mask_threshold: Optional[float] = None
+    # the engine-mismatch correction needs the sampler's log-probs, which this trainer's generate() does not
+    # produce (it samples with the policy itself): kept for config parity with TRL, used by the loss call only
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: Optional[float] = None
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
+    loss_agg_mode: Optional[str] = None  # verl's aggregation instead of the loss type's normalizer
+    # --- loss-side trainer features (TRL's names) ---
+    mask_truncated_completions: bool = False  # completions that never emit eos get no loss (and no tokens)
+    use_adaptive_entropy: bool = False  # entropy_coef adapted each optimizer step (entropy_coef = its start)
+    entropy_target: float = 0.2  # the bonus applies while the mean entropy of the acting tokens is <= this
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005  # step of the coefficient per optimizer step
     backend: str = "auto"
     fused_linear: bool = False  # loss from hidden states + lm_head weight (grpo_kernels.fused_linear_grpo_loss)
 
@@ -141,6 +165,9 @@ class GRPOConfig:
     # --- precision / memory ---
     bf16: bool = False  # bf16 autocast, GPU only (ignored with a note on CPU)
     gradient_checkpointing: bool = False
+    # under torchrun: shard the policy, the reference model, the gradients and AdamW over the ranks (FSDP2, per
+    # decoder layer) instead of DDP replicas; checkpoints become sharded. One process trains unsharded.
+    fsdp: bool = False
 
     # --- logging / checkpoints ---
     logging_steps: int = 1  # progress bar refresh; metrics.jsonl gets every step
@@ -212,6 +239,14 @@ class GRPOConfig:
         for n in ("warmup_steps", "save_steps", "top_k"):
             pos_int(n, allow_zero=True)
         self.loss_options()  # every loss field, checked by LossOptions.validate (the one definition)
+        if self.use_adaptive_entropy:
+            for n in ("entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta"):
+                v = getattr(self, n)
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                    raise ValueError(f"{n} must be a finite number >= 0, got {v!r}")
+            if self.entropy_coef_min > self.entropy_coef_max:
+                raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
+                                 f"({self.entropy_coef_max})")
         if self.lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {_SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.per_device_batch_size % self.gradient_accumulation_steps:

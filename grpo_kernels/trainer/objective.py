@@ -5,8 +5,9 @@ on the last hidden states and the LM-head weight when ``config.fused_linear`` is
 once, in ``_setup_loss``); :meth:`ObjectiveMixin._loss_kwargs` builds the keywords of either, in one place.
 
 Quantities over the whole step batch are global, so that gradient accumulation and DDP take the same step as
-one process with the whole batch: ``loss_type="dapo"`` divides by the completion tokens of the global batch
-(passed as ``num_items_in_batch``), and ``scale_rewards="batch"`` divides the advantages by the std of every
+one process with the whole batch: the token-mean loss types (``dapo``, ``cispo``, ``vespo``, or
+``loss_agg_mode="token-mean"``) divide by the completion tokens of the global batch (passed as
+``num_items_in_batch``), and ``scale_rewards="batch"`` divides the advantages by the std of every
 reward of the global batch (all-gathered). ``bnpo`` normalizes by each micro-batch's tokens (as TRL does);
 ``grpo``, ``dr_grpo`` and ``softmax`` are per-sequence / per-group means over equal-sized micro-batches and so are
 exact either way.
@@ -25,11 +26,85 @@ import torch.distributed as dist
 from .. import reference as _ref
 from ..fused_linear import fused_linear_grpo_loss
 from ..loss import grpo_loss
+from ..options import ITEMS_NORMALIZED_LOSS_TYPES
 from .rollout import Rollout
 
 
+class AdaptiveEntropy:
+    """TRL's adaptive entropy controller (``use_adaptive_entropy``): the bonus ``coef`` moves by ``delta`` per
+    optimizer step, up (to ``coef_max``) while the mean entropy of the tokens the policy loss acts on -- over the
+    whole step, every micro-batch and rank -- is at or below ``target``, down (to ``coef_min``) otherwise; a step
+    applies the coefficient only when the previous step's entropy was at or below the target (none before the first
+    measurement). ``state_dict``/``load_state_dict`` for exact resume."""
+
+    def __init__(self, coef: float, target: float, coef_min: float, coef_max: float, delta: float):
+        self.coef, self.target = float(coef), float(target)
+        self.coef_min, self.coef_max, self.delta = float(coef_min), float(coef_max), float(delta)
+        self.last_entropy = float("inf")
+        self._sum = 0.0
+        self._count = 0.0
+
+    def applied(self) -> float:
+        """The coefficient this step's micro-batches use."""
+        return self.coef if self.last_entropy <= self.target else 0.0
+
+    def observe(self, metrics) -> None:
+        """Add one micro-batch's entropy sums (the loss metrics ``entropy/active_sum|tokens``)."""
+        self._sum += float(metrics["entropy/active_sum"])
+        self._count += float(metrics["entropy/active_tokens"])
+
+    def step(self, all_reduce=None) -> float:
+        """End of an optimizer step: update the coefficient from the window's entropy (``all_reduce`` sums a
+        2-vector over the ranks); returns that entropy."""
+        window = torch.tensor([self._sum, self._count], dtype=torch.float64)
+        if all_reduce is not None:
+            window = all_reduce(window)
+        entropy = float(window[0] / window[1].clamp(min=1.0))
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.coef_max)
+        else:
+            self.coef = max(self.coef - self.delta, self.coef_min)
+        self.last_entropy = entropy
+        self._sum = self._count = 0.0
+        return entropy
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"coef": self.coef, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.coef, self.last_entropy = float(state["coef"]), float(state["last_entropy"])
+
+
 class ObjectiveMixin:
-    """``_global_batch_terms``, ``_loss_kwargs``, ``_loss`` and the two loss paths of the trainer."""
+    """``_global_batch_terms``, ``_loss_kwargs``, ``_loss``, the two loss paths and the adaptive entropy
+    controller of the trainer."""
+
+    def _setup_loss(self):
+        """The loss path: on the logits (:meth:`_logits_loss`) or fused with the LM head
+        (:meth:`_fused_linear_loss`); and TRL's adaptive entropy controller when ``use_adaptive_entropy``."""
+        cfg = self.config
+        self._loss_path = self._fused_linear_loss if cfg.fused_linear else self._logits_loss
+        self.adaptive_entropy = (AdaptiveEntropy(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_min,
+                                                 cfg.entropy_coef_max, cfg.entropy_coef_delta)
+                                 if cfg.use_adaptive_entropy else None)
+
+    def _entropy_controller_step(self) -> None:
+        """At an optimizer step: the adaptive coefficient from the step's entropy over every micro-batch and rank."""
+        if self.adaptive_entropy is None:
+            return
+        reduce = None
+        if self.world_size > 1 and dist.is_initialized():
+            comm_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+
+            def reduce(t):
+                t = t.to(comm_dev)
+                dist.all_reduce(t)
+                return t.cpu()
+        self.adaptive_entropy.step(reduce)
+
+    def _entropy_coef_metric(self) -> float:
+        """TRL's ``entropy_coef`` metric: the coefficient after this step's update (constant without adaptation)."""
+        return self.config.entropy_coef if self.adaptive_entropy is None else self.adaptive_entropy.coef
 
     def _global_batch_terms(self, rollout: Rollout, rewards: torch.Tensor) -> Dict[str, Any]:
         """Loss keywords that depend on the whole step batch (all ranks, all micro-batches): ``num_items_in_batch``
@@ -38,8 +113,10 @@ class ObjectiveMixin:
         out: Dict[str, Any] = {}
         ddp = self.world_size > 1 and dist.is_initialized()
         comm_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        if cfg.loss_type == "dapo":
-            n = rollout.completion_mask.sum().to(device=comm_dev, dtype=torch.float64)
+        token_mean = (cfg.loss_agg_mode == "token-mean"
+                      or (cfg.loss_agg_mode is None and cfg.loss_type in ITEMS_NORMALIZED_LOSS_TYPES))
+        if token_mean:
+            n = self._loss_mask(rollout).sum().to(device=comm_dev, dtype=torch.float64)
             if ddp:
                 dist.all_reduce(n)
             # each micro-batch loss is divided by the accumulation steps and DDP averages over ranks
@@ -67,6 +144,9 @@ class ObjectiveMixin:
         # without a reference model there is no KL term
         opts = opts.replace(max_completion_length=opts.max_completion_length or cfg.max_new_tokens,
                             kl_coef=opts.kl_coef if ref_lp is not None else 0.0)
+        controller = getattr(self, "adaptive_entropy", None)
+        if controller is not None:  # the coefficient of this optimizer step (TRL's adaptive entropy)
+            opts = opts.replace(entropy_coef=controller.applied())
         return dict(rewards=rewards[sl] if advantages is None else None,
                     advantages=None if advantages is None else advantages[sl],
                     group_size=self.G, **opts.to_dict(),
@@ -77,10 +157,24 @@ class ObjectiveMixin:
 
     def _loss(self, rollout: Rollout, sl: slice, rewards, old_lp, ref_lp, batch_terms=None):
         """``(loss, metrics)`` of rows ``sl`` through the configured loss path (with gradients)."""
-        cm = rollout.completion_mask[sl]
+        cm = self._loss_mask(rollout)[sl]
         tokens = rollout.completion_ids[sl].masked_fill(~cm, -100)
         kw = self._loss_kwargs(sl, rewards, old_lp, ref_lp, batch_terms or {})
-        return self._loss_path(rollout, sl, tokens, cm, kw)
+        loss, metrics = self._loss_path(rollout, sl, tokens, cm, kw)
+        controller = getattr(self, "adaptive_entropy", None)
+        if controller is not None and torch.is_grad_enabled():
+            controller.observe(metrics)
+        return loss, metrics
+
+    def _loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The completion mask the loss uses ``(S, C)`` bool: with ``mask_truncated_completions``, rows that
+        never emitted eos within the budget are dropped (TRL's option; their rewards still count in the group
+        statistics)."""
+        cm = rollout.completion_mask
+        if not self.config.mask_truncated_completions or self.eos_id is None:
+            return cm
+        finished = ((rollout.completion_ids == self.eos_id) & cm).any(1, keepdim=True)
+        return cm & finished
 
     def _logits_loss(self, rollout: Rollout, sl: slice, tokens, mask, kw):
         """``grpo_loss`` on the completion logits ``(s, C, V)`` of rows ``sl``; ``tokens`` ``(s, C)`` (-100 off the

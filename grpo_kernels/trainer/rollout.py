@@ -3,7 +3,10 @@
 :class:`Rollout` holds the ``S = num_prompts * G`` sequences of one step (groups contiguous).
 :class:`RolloutMixin` gives :class:`~grpo_kernels.trainer.GRPOTrainer` its generation and forward-pass
 methods; it reads the trainer's ``config``, ``G``, ``device``, ``tokenizer``, ``unwrapped`` (the model without
-DDP), ``pad_id`` and ``eos_id``.
+DDP), ``fsdp``, ``pad_id`` and ``eos_id``.
+
+Under FSDP (:mod:`.fsdp`) ``generate`` runs on the parameters gathered once per rollout, the log-prob passes through
+the FSDP forward hooks (every rank makes the same forward calls: the same number of row chunks).
 
 Completion logits come from the full ``prompt + completion`` sequence: with ``P`` (left-padded) prompt
 positions, ``logits[:, P-1+t]`` predicts completion token ``t``. Only completion tokens up to and including
@@ -50,6 +53,16 @@ class RolloutMixin:
     """
 
     max_score_values = 2 ** 27
+
+    def _gathered_for_generation(self, model):
+        """Under FSDP, the policy's parameters gathered once for the whole ``generate`` call (each rank stops
+        sampling when its own rows are done, so per-token all-gathers would deadlock; see :func:`.fsdp.gathered`);
+        otherwise nothing."""
+        if not getattr(self, "fsdp", False):
+            return contextlib.nullcontext()
+        from .fsdp import gathered
+
+        return gathered(model)
 
     def _autocast(self):
         if self.config.bf16 and self.device.type == "cuda":
@@ -116,7 +129,7 @@ class RolloutMixin:
         model = self.unwrapped
         was_training = model.training
         model.eval()
-        with self._autocast():
+        with self._gathered_for_generation(model), self._autocast():
             out = model.generate(input_ids=ids, attention_mask=pm.long(), generation_config=gen_cfg)
         model.train(was_training)
         comp = out.sequences[:, ids.shape[1]:]

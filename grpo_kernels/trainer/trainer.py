@@ -15,8 +15,10 @@ The loss is :func:`grpo_kernels.grpo_loss` on the completion logits (``logits[:,
 predicts token ``t+1``; only completion tokens up to and including the first ``<eos>`` count), or
 :func:`grpo_kernels.fused_linear_grpo_loss` on the last hidden states and the LM-head weight when
 ``config.fused_linear`` is on. Under ``torchrun`` every rank takes a contiguous slice of the step's global batch,
-gradients are averaged by DDP, and rank 0 logs and saves; dapo's token normalizer and batch-scaled advantages are
-taken over the global batch, so DDP and gradient accumulation take the step one process with the whole batch would.
+gradients are averaged by DDP (or, with ``config.fsdp``, reduce-scattered by FSDP2, which shards the parameters,
+gradients and optimizer state: :mod:`.fsdp`), and rank 0 logs and saves; dapo's token normalizer and batch-scaled
+advantages are taken over the global batch, so DDP, FSDP and gradient accumulation take the step one process with
+the whole batch would.
 
 The pieces: generation and log-probs in :mod:`.rollout`, the loss keywords and paths in :mod:`.objective`,
 checkpoints in :mod:`.checkpoint`, the reward curve in :mod:`.plotting`.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 from .checkpoint import TMP_PREFIX, CheckpointMixin
 from .config import GRPOConfig
 from .data import GRPODataset
+from .fsdp import grad_norm as sharded_grad_norm, norm_value
 from .objective import ObjectiveMixin
 from .outdir import OutputDirMixin
 from .plotting import plot_rewards
@@ -162,20 +165,36 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
 
     def _setup_models(self, model, ref_model):
         """``unwrapped`` (the policy on ``device``), ``ref_model`` (frozen, when kl_coef > 0) and ``model``
-        (``unwrapped``, DDP-wrapped under torchrun)."""
+        (``unwrapped``, DDP-wrapped under torchrun). With ``config.fsdp`` under torchrun (``self.fsdp``) the policy
+        and the reference model are sharded in place instead (FSDP2, :mod:`.fsdp`) and ``model`` is ``unwrapped``;
+        ``config.fsdp`` in a single process trains unsharded, with a note."""
         cfg = self.config
+        self.fsdp = bool(cfg.fsdp) and self.world_size > 1
+        if cfg.fsdp and not self.fsdp and self.is_main:
+            print("note: fsdp: a single process has nothing to shard; training unsharded (launch with "
+                  "torchrun --nproc_per_node N, N > 1, to shard)", flush=True)
         self.unwrapped = model.to(self.device)
         if cfg.gradient_checkpointing:
             enable = getattr(self.unwrapped, "activation_checkpointing_enable", None)  # transformers >= 5 name
             (enable or self.unwrapped.gradient_checkpointing_enable)()
             self.unwrapped.config.use_cache = False
+        if self.fsdp:  # DDP broadcasts rank 0's weights when it wraps the model; fully_shard does not
+            from . import fsdp
+
+            fsdp.broadcast_from_rank0(self.unwrapped)
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(self.unwrapped)).to(self.device).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+            if self.fsdp and ref_model is not None:
+                fsdp.broadcast_from_rank0(self.ref_model)
         self.model = self.unwrapped
-        if self.world_size > 1:
+        if self.fsdp:  # sharded per decoder layer, then the root; the optimizer is built over the shards
+            fsdp.shard(self.unwrapped, self.device)
+            if self.ref_model is not None:
+                fsdp.shard(self.ref_model, self.device, frozen=True)
+        elif self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -190,10 +209,6 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
         total_updates = cfg.max_steps * cfg.num_iterations
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_updates, cfg.min_lr_ratio))
-
-    def _setup_loss(self):
-        """The loss path: on the logits (:meth:`_logits_loss`) or fused with the LM head (:meth:`_fused_linear_loss`)."""
-        self._loss_path = self._fused_linear_loss if self.config.fused_linear else self._logits_loss
 
     @property
     def is_main(self) -> bool:
@@ -313,6 +328,7 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
                     totals[key] = totals.get(key, 0.0) + v
                 count += 1
             grad_norm, lr = self._optimizer_step()
+            self._entropy_controller_step()
         out = {key: v / count for key, v in totals.items()}
         out.update(grad_norm=grad_norm, learning_rate=lr)
         return out
@@ -321,7 +337,8 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
                     sync: bool) -> Dict[str, float]:
         """Forward + backward on rows ``sl``; DDP all-reduces the gradients only when ``sync`` (the last
         micro-batch of an update). Returns ``loss`` (unscaled by the accumulation) and the loss metrics."""
-        no_sync = not sync and self.world_size > 1
+        # DDP all-reduces only on the last micro-batch; FSDP reduce-scatters every one (the sum stays sharded)
+        no_sync = not sync and self.world_size > 1 and not self.fsdp
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             # loss_scale = 1/k inside the loss: the fused one-pass gradient needs no rescaling pass
             loss, metrics = self._loss(rollout, sl, rewards, old_lp, ref_lp, batch_terms)
@@ -334,11 +351,13 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
         """Clip (or just measure) the gradient norm, AdamW step, LR scheduler step, zero the gradients.
         Returns ``(grad_norm before clipping, learning rate used)``."""
         cfg = self.config
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), cfg.max_grad_norm))
+        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        if cfg.max_grad_norm:  # under FSDP (DTensor gradients) the global norm, as a replicated DTensor
+            grad_norm = norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        elif self.fsdp:
+            grad_norm = sharded_grad_norm(params)
         else:
-            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.unwrapped.parameters()
-                                             if p.grad is not None)))
+            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -362,6 +381,8 @@ class GRPOTrainer(RolloutMixin, ObjectiveMixin, CheckpointMixin, OutputDirMixin)
         metrics["kl"] = update.get("kl", 0.0)
         metrics["clip_ratio"] = update.get("clip_ratio/region_mean", 0.0)
         metrics["entropy"] = update.get("entropy", 0.0)
+        if self.config.entropy_coef != 0 or self.adaptive_entropy is not None:  # TRL's entropy_coef metric
+            metrics["entropy_coef"] = self._entropy_coef_metric()
         metrics["completions/mean_length"] = n_tok / len(rollout.responses)
         metrics["loss"] = update["loss"]
         metrics["grad_norm"] = update["grad_norm"]
