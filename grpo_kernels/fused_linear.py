@@ -54,6 +54,7 @@ from . import validation as _v
 from .kernels import ops as _ops
 from .loss import OptionsModule
 from .options import LossOptions, with_option_keywords
+from .packing import packed_inputs
 
 Tensor = torch.Tensor
 
@@ -259,6 +260,7 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            backend: str = "auto",
                            chunk_size: Optional[int] = None,
                            grad_weight_accumulation: str = "auto",
+                           cu_seqlens: Optional[Tensor] = None,  # (S + 1,) packed batches
                            **options):
     """GRPO loss of ``logits = hidden @ weight.T + bias`` without materializing the ``[S, T, V]`` logits.
 
@@ -283,6 +285,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
             CPU, ``min(512 MiB, free/8)`` on GPU).
         grad_weight_accumulation: ``"auto"`` (default), ``"fp32"`` or ``"weight"``: what half-precision
             ``grad_weight`` is accumulated in across chunks (module docstring; fp32/fp64 weights: no effect).
+        cu_seqlens: a packed batch (see :func:`grpo_kernels.grpo_loss`): ``hidden`` ``(N, H)`` or ``(1, N, H)``,
+            per-token tensors ``(N,)`` or ``(1, N)``; the chunks run over the ``N`` packed rows.
         **options: the loss options of :class:`~grpo_kernels.options.LossOptions`:
 
         {loss_options}
@@ -299,8 +303,18 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                 sampling_logprobs=sampling_logprobs, advantages=advantages, num_items_in_batch=num_items_in_batch,
                 loss_scale=loss_scale)
-    _check_linear_args(hidden, weight, bias, chunk_size)
-    S, T, H = hidden.shape
+    if cu_seqlens is not None:  # packed: the chunks run over the N rows, the eager loss on (S, T) vectors
+        h3, tokens_r, mask_r, pk, tokens, mask, data = packed_inputs(hidden, tokens, mask, cu_seqlens, data,
+                                                                     name="hidden")
+        S, T = pk.S, pk.T
+        to_loss, to_rows = pk.pad, pk.gather
+    else:
+        h3, tokens_r = hidden, tokens
+        to_loss = to_rows = lambda x: x  # noqa: E731
+    _check_linear_args(h3, weight, bias, chunk_size)
+    if cu_seqlens is None:
+        S, T, _ = hidden.shape
+    H = h3.shape[-1]
     V = weight.shape[0]
     grad_w_dtype = grad_weight_accumulator_dtype(grad_weight_accumulation, weight.dtype, V, H)
     _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=hidden.device, dtype=hidden.dtype,
@@ -308,40 +322,44 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     impl = _kernels.resolve_backend(backend, hidden.device)
 
     acc = _ref.accumulation_dtype(hidden.dtype)
-    m = _ref.effective_mask(tokens, mask, acc)  # (S, T)
-    plan = plan_chunks(m, hidden, weight, bias, chunk_size, opts, data)
-    h2 = hidden.detach().reshape(S * T, H)
-    y2 = tokens.reshape(-1).to(torch.int64)
+    m = _ref.effective_mask(tokens, mask, acc)  # (S, T): the loss's layout
+    rows_shape = h3.shape[:2]  # (S, T), or (1, N) packed: the rows the chunks run over
+    plan = plan_chunks(to_rows(m), h3, weight, bias, chunk_size, opts, data)
+    n_rows = h3.shape[0] * h3.shape[1]
+    h2 = h3.detach().reshape(n_rows, H)
+    y2 = tokens_r.reshape(-1).to(torch.int64)
     w = weight.detach()
     b = None if bias is None else bias.detach()
     tau = float(opts.temperature)
-    logp = torch.zeros(S * T, dtype=acc, device=hidden.device)
+    logp = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     with_entropy = return_metrics or opts.needs_entropy
-    ent = torch.zeros(S * T, dtype=acc, device=hidden.device) if with_entropy else None
+    ent = torch.zeros(n_rows, dtype=acc, device=hidden.device) if with_entropy else None
 
     if not plan.one_phase:  # phase 1 (forward only): every kept token's log-prob
         _chunk_pass(plan, h2, y2, w, b, impl, tau, logp, ent)
     grads = None
     if plan.need_grad:
         # one phase: c (and c_H) do not depend on ℓ, H (taken at 0); two phases: at the log-probs of phase 1
-        at = None if plan.one_phase else logp.view(S, T)
-        at_h = None if (plan.one_phase or ent is None) else ent.view(S, T)
+        at = None if plan.one_phase else to_loss(logp.view(rows_shape))
+        at_h = None if (plan.one_phase or ent is None) else to_loss(ent.view(rows_shape))
         ent_coef = None
         if opts.entropy_coef != 0:  # the entropy bonus: its gradient is written by the same kernel call
             coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, at=at, entropy=at_h, with_entropy=True,
                                                        **data)
-            ent_coef = ent_coef.reshape(-1).to(acc)
+            ent_coef = to_rows(ent_coef).reshape(-1).to(acc)
         else:
             coef = _ref.logprob_coefficients(m, rewards, opts, at=at, entropy=at_h, **data)
-        acc_grads = _Accumulators(hidden, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
+        acc_grads = _Accumulators(h3, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
         # the log-probs (and entropy) come from this loop only in the one-phase schedule
         _chunk_pass(plan, h2, y2, w, b, impl, tau, logp if plan.one_phase else None,
-                    ent if plan.one_phase else None, coef=coef.reshape(-1).to(acc), ent_coef=ent_coef,
+                    ent if plan.one_phase else None, coef=to_rows(coef).reshape(-1).to(acc), ent_coef=ent_coef,
                     grads=acc_grads)
         grads = acc_grads.results()
+        if grads[0] is not None:
+            grads = (grads[0].reshape(hidden.shape),) + tuple(grads[1:])
 
-    out = _ref.loss_from_logprobs(logp.view(S, T), m, rewards, opts, return_metrics=return_metrics,
-                                  entropy=None if ent is None else ent.view(S, T), **data)
+    out = _ref.loss_from_logprobs(to_loss(logp.view(rows_shape)), m, rewards, opts, return_metrics=return_metrics,
+                                  entropy=None if ent is None else to_loss(ent.view(rows_shape)), **data)
     loss, metrics = out if return_metrics else (out, None)
     if grads is not None:
         loss = _FusedLinearAttach.apply(hidden, weight, bias, loss, *grads)
@@ -362,7 +380,7 @@ class FusedLinearGRPOLoss(OptionsModule):
 
     _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
                           num_items_in_batch=None, loss_scale=1.0, return_metrics=False, backend="auto", chunk_size=None,
-                          grad_weight_accumulation="auto")
+                          grad_weight_accumulation="auto", cu_seqlens=None)
 
     def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor, rewards: Optional[Tensor],
                 mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, **overrides):

@@ -18,6 +18,7 @@ from . import reference as _ref
 from . import validation as _v
 from .kernels import ops as _ops
 from .options import LossOptions, with_option_keywords
+from .packing import packed_inputs
 
 Tensor = torch.Tensor
 
@@ -37,6 +38,7 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
               return_metrics: bool = False,
               backend: str = "auto",
               inplace_backward: bool = False,
+              cu_seqlens: Optional[Tensor] = None,  # (S + 1,) packed batches
               **options):
     """GRPO loss straight from the LM-head logits.
 
@@ -70,6 +72,11 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
             ``sampling/...`` statistics of the engine correction, ``logprob``, ``num_tokens``.
         backend: ``"auto"`` (fastest available for the logits' device), ``"torch"`` (eager PyTorch),
             ``"triton"``, ``"cuda"`` or ``"cpu"``.
+        cu_seqlens: a packed (padding-free) batch, as flash-attn / TRL ``padding_free`` / verl remove-padding lay it
+            out: ``(S + 1,)`` int32/int64 cumulative lengths; ``logits`` is then ``(N, V)`` or ``(1, N, V)``,
+            ``tokens``, ``mask`` and the per-token tensors ``(N,)`` or ``(1, N)``, ``rewards`` ``(S,)`` for the
+            ``S`` sequences (grouped contiguously). Same losses as the padded form; no padding is ever read
+            (the kernels run on the ``N`` rows; only ``[S, T]`` per-token vectors are padded for the eager loss).
         inplace_backward: the gradient is written into the logits' own storage instead of a new ``[S, T, V]``
             buffer: by the one-pass kernel during the forward when ``∂loss/∂ℓ`` is known up front (the logits'
             values are then gone right after this call), else by the backward (gone after ``backward()``). Do
@@ -97,23 +104,35 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
                       ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, advantages=advantages,
                       num_items_in_batch=num_items_in_batch,
                       loss_scale=loss_scale, return_metrics=return_metrics, backend=backend,
-                      inplace_backward=inplace_backward)
+                      inplace_backward=inplace_backward, cu_seqlens=cu_seqlens)
 
 
 with_option_keywords(grpo_loss, before="return_metrics")
 
 
 def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metrics: bool, backend: str,
-               inplace_backward: bool, **data):
-    """:func:`grpo_loss` once the options are built (``data``: group_size, the per-batch tensors, loss_scale)."""
-    _v.check_logits(logits)
-    S, T, V = logits.shape
+               inplace_backward: bool, cu_seqlens=None, **data):
+    """:func:`grpo_loss` once the options are built (``data``: group_size, the per-batch tensors, loss_scale).
+
+    With ``cu_seqlens`` the kernels run on the ``N`` packed rows and the eager loss on the padded ``(S, T)``
+    per-token vectors (:mod:`grpo_kernels.packing`): ``to_loss`` maps the kernels' ``(1, N)`` outputs to that
+    layout and ``to_rows`` the coefficients back."""
+    if cu_seqlens is not None:
+        logits, tokens, mask, pk, tokens_p, mask_p, data = packed_inputs(logits, tokens, mask, cu_seqlens, data)
+        _v.check_logits(logits)
+        S, T, V = pk.S, pk.T, logits.shape[-1]
+        to_loss, to_rows = pk.pad, pk.gather
+    else:
+        _v.check_logits(logits)
+        S, T, V = logits.shape
+        tokens_p, mask_p = tokens, mask
+        to_loss = to_rows = lambda x: x  # noqa: E731
     _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=V, device=logits.device, dtype=logits.dtype,
-                       tokens=tokens, rewards=rewards, mask=mask, **data)
+                       tokens=tokens_p, rewards=rewards, mask=mask_p, **data)
     impl = _kernels.resolve_backend(backend, logits.device)
     check_ids = _ops.check_ids_in_op()  # the ids were validated above (in eager mode)
     tau = opts.temperature
-    m = _ref.effective_mask(tokens, mask, _ref.accumulation_dtype(logits.dtype))
+    m = _ref.effective_mask(tokens_p, mask_p, _ref.accumulation_dtype(logits.dtype))
     with_entropy = return_metrics or opts.needs_entropy
     if (logits.requires_grad and torch.is_grad_enabled() and not _v._is_compiling() and _ops.supports_one_pass(impl)
             and _ref.coefficients_are_constant(opts, old_logprobs=data["old_logprobs"],
@@ -124,18 +143,20 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
         ent_coef = None
         if opts.entropy_coef != 0:
             coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, with_entropy=True, **data)
+            ent_coef = to_rows(ent_coef)
         else:
             coef = _ref.logprob_coefficients(m, rewards, opts, **data)
 
         def value_fn(logp, ent):
-            return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent,
-                                           **data)
+            return _ref.loss_from_logprobs(to_loss(logp), m, rewards, opts, return_metrics=return_metrics,
+                                           entropy=None if ent is None else to_loss(ent), **data)
 
-        return _ops.one_pass_loss(logits, value_fn, tokens, mask, coef, tau, with_entropy, impl,
+        return _ops.one_pass_loss(logits, value_fn, tokens, mask, to_rows(coef), tau, with_entropy, impl,
                                   check_ids=check_ids, inplace=inplace_backward, ent_coef=ent_coef)
     logp, ent = _ops.fused_token_logprobs(logits, tokens, mask, tau, with_entropy, impl,
                                           inplace_backward=inplace_backward, check_ids=check_ids)
-    return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent, **data)
+    return _ref.loss_from_logprobs(to_loss(logp), m, rewards, opts, return_metrics=return_metrics,
+                                   entropy=None if ent is None else to_loss(ent), **data)
 
 
 def token_logprobs(logits: Tensor,  # (..., V)
@@ -214,8 +235,8 @@ class GRPOLoss(OptionsModule):
     """
 
     _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
-                          num_items_in_batch=None,
-                          loss_scale=1.0, return_metrics=False, backend="auto", inplace_backward=False)
+                          num_items_in_batch=None, loss_scale=1.0, return_metrics=False, backend="auto",
+                          inplace_backward=False, cu_seqlens=None)
 
     def forward(self, logits: Tensor, tokens: Tensor, rewards: Optional[Tensor], mask: Optional[Tensor] = None,
                 **overrides):
