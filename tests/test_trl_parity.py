@@ -42,6 +42,7 @@ class _OneProcess:
 
     num_processes = 1
     sync_gradients = True
+    is_main_process = True
 
     @staticmethod
     def gather(x):
@@ -127,7 +128,7 @@ def _batch(seed, per_token_advantages=False):
 
 
 def _compare(tmp_path, trl_kw, *, off_policy=True, use_sampling=False, per_token_advantages=False,
-             backends=("reference", "torch"), seed=0):
+             backends=("reference", "auto"), seed=0):
     args = _trl_args(tmp_path, **trl_kw, **(dict(use_vllm=True) if use_sampling else {}))
     opts = loss_options_from_trl(args)
     b = _batch(seed, per_token_advantages)

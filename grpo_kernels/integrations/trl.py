@@ -27,6 +27,10 @@ TRL (``trl.GRPOConfig``)                        ours
                                                 ``use_vllm`` is off
 ==============================================  ====================================================================
 
+:class:`GRPOTrainer` (``from grpo_kernels.integrations.trl import GRPOTrainer``) is ``trl.GRPOTrainer`` with this
+loss computed from the hidden states (:mod:`grpo_kernels.integrations.trl_trainer`); it is imported on first
+access, so importing this module does not import TRL.
+
 ``num_generations`` is the ``group_size`` of the loss call. Not loss options, so not read here: the adaptive
 entropy controller (``use_adaptive_entropy``, ``entropy_target``, ``entropy_coef_min|max|delta``: a trainer
 feature, :class:`grpo_kernels.trainer.GRPOConfig` has it) and ``mask_truncated_completions`` (it changes the mask
@@ -79,3 +83,12 @@ def loss_options_from_trl(args) -> LossOptions:
     fields["vllm_importance_sampling_correction"] = bool(g("use_vllm") and g("vllm_importance_sampling_correction"))
     fields["kl_coef"] = float(g("beta"))
     return LossOptions(**fields).validate()
+
+
+def __getattr__(name):
+    # lazy: `GRPOTrainer` imports TRL (and checks its version) only when it is asked for
+    if name == "GRPOTrainer":
+        from .trl_trainer import GRPOTrainer
+
+        return GRPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
