@@ -9,8 +9,11 @@
 //             of the sum, so the small terms of a confident row are never rounded against it);
 //             log sum = log1p(rest);  lse = m it + log1p(rest);  logp = (z_y - m) it - log1p(rest);
 //             H = log1p(rest) - sum_v e_v t_v / (1 + rest)  (= lse - sum_v p_v z_v it; -inf logits give 0)
-//   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, and the target entry recomputed in full precision
-//             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it, with 1 - p_y = -expm1(log p_y)
+//   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, p_v = exp(z_v it - lse) from the forward's lse, while
+//             the same pass sums rest = sum_{v != y} p_v (the target's term left out); then the target entry
+//             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it with 1 - p_y = rest and, for rest < 1/2,
+//             z_y it - (lse - H) = log1p(-rest) + H: no 1 - exp(z_y it - lse), which loses all of a 1 - p_y below
+//             ~|lse| 6e-8 in fp32 (the fp32 lse itself is that coarse)
 //   fwd_grad: one read of the row from memory: a max pass, then e_v = exp(t_v) written into the gradient row
 //             itself (into an fp32 scratch row for bf16/fp16, or when ent_coef is given), then rescaled in place
 //             from L2: g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.  With ent_coef (g_H = ent_coef, the
@@ -28,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -261,6 +265,63 @@ struct Rows {
   }
 
   // ---------------------------------------------------------------------------------------------------
+  // The gradient row of bwd from the forward's lse (and H): g_v = -p_v (gl + gh (s_v - c)) it, s_v = z_v it (floored
+  // where HAS_GH: see bwd), c = lse - H, p_v = exp(s_v - lse); the target's lane gets the same formula here and is
+  // overwritten by the caller. Returns rest = sum_{v != y} p_v (= 1 - p_y, what the target's entry is made of:
+  // summed like exp_pass, Kahan vector partial sums over blocks of kBlock elements, block totals in double, with the
+  // target's own term left out instead of subtracted, so that rest keeps its relative accuracy at p_y ≈ 1).
+  template <bool HAS_GH>
+  static double bwd_pass(const T* z, T* g, int64_t V, int64_t y, A it, A lz, A gl, A gh, A c, A floor) {
+    const VA vit(it), vL(lz), vk(-gl * it), vgl(gl), vgh(gh), vc(c), vnit(-it), vfloor(floor);
+    const int64_t vend = V - V % W;
+    double s = 0;
+    int64_t i = 0;
+    while (i < vend) {
+      const int64_t stop = std::min(vend, i + kBlock);
+      VA vs(0), cs(0);
+      for (; i < stop; i += W) {
+        VA x[N];
+        Io<T>::load(z + i, x);  // z may be g: the chunk is read before it is written
+        const bool has_y = static_cast<uint64_t>(y - i) < static_cast<uint64_t>(W);
+        for (int q = 0; q < N; ++q) {
+          VA e;
+          if (HAS_GH) {
+            const VA sv = at::vec::maximum(x[q] * vit, vfloor);
+            e = vexp(sv - vL);
+            x[q] = e * (vgl + vgh * (sv - vc)) * vnit;
+          } else {
+            e = vexp(x[q] * vit - vL);
+            x[q] = vk * e;
+          }
+          const int64_t j = y - i - q * L;
+          if (has_y && j >= 0 && j < L) {  // once per row: the target's lane is not part of rest
+            alignas(64) A buf[L];
+            e.store(buf);
+            buf[j] = A(0);
+            e = VA::loadu(buf);
+          }
+          kahan_add(vs, cs, e);
+        }
+        Io<T>::store(g + i, x);
+      }
+      s += static_cast<double>(hsum(vs)) - static_cast<double>(hsum(cs));
+    }
+    for (; i < V; ++i) {
+      A e, gv;
+      if (HAS_GH) {
+        const A sv = smax(static_cast<A>(z[i]) * it, floor);
+        e = std::exp(sv - lz);
+        gv = -e * (gl + gh * (sv - c)) * it;
+      } else {
+        e = std::exp(static_cast<A>(z[i]) * it - lz);
+        gv = -gl * it * e;
+      }
+      g[i] = static_cast<T>(gv);
+      if (i != y) s += static_cast<double>(e);
+    }
+    return s;
+  }
+
   static void bwd(const RowProblem& p, int64_t begin, int64_t end) {
     const int64_t V = p.V;
     const A it = static_cast<A>(p.inv_temp);
@@ -268,7 +329,6 @@ struct Rows {
     const A* gh_ = static_cast<const A*>(p.grad_ent);
     const A* lse_ = static_cast<const A*>(p.lse_in);
     const A* ent_ = static_cast<const A*>(p.ent_in);
-    const VA vit(it);
     for (int64_t r = begin; r < end; ++r) {
       T* g = grow(p, r);
       if (!p.mask[r]) {
@@ -278,39 +338,25 @@ struct Rows {
       const T* z = zrow(p, r);  // may alias g: each chunk is read before it is written
       const int64_t y = p.tokens[r];
       const A zy = static_cast<A>(z[y]);
-      const A gl = gl_[r], gh = gh_ ? gh_[r] : A(0), lz = lse_[r];
-      const A c = lz - ent_[r];
-      int64_t i = 0;
-      if (gh == A(0)) {
-        const VA k(-gl * it), vL(lz);
-        for (; i + W <= V; i += W) {
-          VA x[N];
-          Io<T>::load(z + i, x);
-          for (int q = 0; q < N; ++q) x[q] = k * vexp(x[q] * vit - vL);
-          Io<T>::store(g + i, x);
-        }
-        for (; i < V; ++i) g[i] = static_cast<T>(-gl * it * std::exp(static_cast<A>(z[i]) * it - lz));
-      } else {
-        // z = -inf gives p = 0; the floor keeps gh * (s - c) finite there (0 * inf would be NaN) and is low
-        // enough that exp(floor - lse) underflows to 0 in A.
-        const A floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));
-        const VA vgl(gl), vgh(gh), vc(c), vL(lz), vnit(-it), vfloor(floor);
-        for (; i + W <= V; i += W) {
-          VA x[N];
-          Io<T>::load(z + i, x);
-          for (int q = 0; q < N; ++q) {
-            const VA sv = at::vec::maximum(x[q] * vit, vfloor);
-            x[q] = vexp(sv - vL) * (vgl + vgh * (sv - vc)) * vnit;
-          }
-          Io<T>::store(g + i, x);
-        }
-        for (; i < V; ++i) {
-          const A sv = smax(static_cast<A>(z[i]) * it, floor);
-          g[i] = static_cast<T>(-std::exp(sv - lz) * (gl + gh * (sv - c)) * it);
-        }
+      const A gl = gl_[r], gh = gh_ ? gh_[r] : A(0), lz = lse_[r], h = ent_[r];
+      const A c = lz - h;
+      // z = -inf gives p = 0; the floor keeps gh * (s - c) finite there (0 * inf would be NaN) and is low enough
+      // that exp(floor - lse) underflows to 0 in A.
+      const A floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));
+      const bool has_gh = gh != A(0);
+      const double rest_d = has_gh ? bwd_pass<true>(z, g, V, y, it, lz, gl, gh, c, floor)
+                                   : bwd_pass<false>(z, g, V, y, it, lz, gl, gh, c, floor);
+      // The target's entry (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it with 1 - p_y = rest, never 1 - exp(.) of
+      // the fp32 lse. z_y it - (lse - H) = log p_y + H: with log p_y = log1p(-rest) while rest < 1/2 (a confident
+      // target: no cancellation), the plain difference otherwise (log1p(-rest) would lose p_y when it is small).
+      const A rest = static_cast<A>(rest_d);
+      A gy = gl * rest;
+      if (has_gh) {
+        const A sy = smax(zy * it, floor), py = std::exp(sy - lz);
+        const A ty = rest < A(0.5) ? std::log1p(-rest) + h : sy - c;
+        gy -= gh * py * ty;
       }
-      const A sy = zy * it, py = std::exp(sy - lz);
-      g[y] = static_cast<T>((-gl * std::expm1(sy - lz) - gh * py * (sy - c)) * it);  // 1 - p_y = -expm1
+      g[y] = static_cast<T>(gy * it);
     }
   }
 
@@ -387,7 +433,7 @@ struct Rows {
           const A t = smax((static_cast<A>(z[i]) - m) * it, floor);
           g[i] = static_cast<T>(e[i] * (a * t + b));
         }
-        const A ty = (zy - m) * it, py = std::exp(lp);
+        const A ty = smax((zy - m) * it, floor), py = std::exp(lp);  // (floored: z_y = -inf has py = 0)
         g[y] = static_cast<T>((-cf * std::expm1(lp) - ec * py * (ty - static_cast<A>(mu))) * it);
       }
     }

@@ -11,7 +11,9 @@
 // and 1 - p_y to fp32 relative accuracy). Reductions: warp shuffles, then one value per warp through shared
 // memory -- a fixed tree, so results are bitwise deterministic.
 //   fwd:      one read of the row;
-//   bwd:      one read of the row, one write of the gradient;
+//   bwd:      one read of the row, one write of the gradient (g_v from the forward's lse and H), summing
+//             rest = sum_{v != y} p_v on the way (block_sum); the target entry is then written by one thread with
+//             1 - p_y = rest (rowmath::bwd_target), never 1 - exp(z_y/tau - lse) of the fp32 lse;
 //   fwd_grad: the fwd pass, then the row is read again (from L2 for rows of tens of kB) and the gradient
 //             g_v = -coef it p_v (with ent_coef: -(coef + ent_coef (t_v - mu)) it p_v, t_v = (z_v - m) it,
 //             mu = sum_v p_v t_v) is written; the target entry (coef (1 - p_y) - ent_coef p_y (t_y - mu)) it,
@@ -109,11 +111,6 @@ __device__ inline void store_vec(T* p, const typename Elem<T>::A* in) {
   for (int k = 0; k < n; ++k) v.e[k] = Elem<T>::from(in[k]);
   *reinterpret_cast<uint4*>(p) = v.u;
 }
-
-__device__ inline float exp_(float x) { return expf(x); }
-__device__ inline double exp_(double x) { return exp(x); }
-__device__ inline float expm1_(float x) { return expm1f(x); }
-__device__ inline double expm1_(double x) { return expm1(x); }
 
 template <typename A>
 __device__ inline A neg_inf() {
@@ -290,9 +287,52 @@ __global__ void __launch_bounds__(kBlock) fwd_kernel(RowProblem p) {
   }
 }
 
+// Block-wide sum in a fixed tree (xor shuffles, then one value per warp through shared memory); the result in every
+// thread. `smem` holds kWarps entries.
+template <typename A>
+__device__ inline A block_sum(A v, A* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    A w = lane < kWarps ? smem[lane] : A(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) w += __shfl_xor_sync(0xffffffffu, w, off);
+    if (lane == 0) smem[0] = w;
+  }
+  __syncthreads();
+  const A r = smem[0];
+  __syncthreads();  // smem may be reused by the caller
+  return r;
+}
+
+// Where thread_bwd (cuda_rowmath.cuh) writes the gradient: 128-bit vector stores when the gradient row shares the
+// logits row's alignment (always when they alias), scalar stores otherwise.
+template <typename T>
+struct VecDst {
+  using A = typename Elem<T>::A;
+  T* g;
+  __device__ void one(int64_t i, A v) const { g[i] = Elem<T>::from(v); }
+  __device__ void vec(int64_t i, const A* x) const { store_vec<T>(g + i, x); }
+};
+template <typename T>
+struct ScalarDst {
+  using A = typename Elem<T>::A;
+  T* g;
+  __device__ void one(int64_t i, A v) const { g[i] = Elem<T>::from(v); }
+  __device__ void vec(int64_t i, const A* x) const {
+#pragma unroll
+    for (int k = 0; k < Elem<T>::kVec; ++k) g[i + k] = Elem<T>::from(x[k]);
+  }
+};
+
 template <typename T, bool HAS_GH>
 __global__ void __launch_bounds__(kBlock) bwd_kernel(RowProblem p) {
   using A = typename Elem<T>::A;
+  constexpr int n = Elem<T>::kVec;
+  __shared__ A smem[kWarps];
   const int64_t rows = p.S * p.T;
   const A it = static_cast<A>(p.inv_temp);
   const A* gl_ = static_cast<const A*>(p.grad_logp);
@@ -309,24 +349,16 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(RowProblem p) {
     const int64_t y = p.tokens[r];
     const bool ok = y >= 0 && y < p.V;
     const A zy = ok ? Elem<T>::to(z[y]) : A(0);  // read by every thread before any write (z may alias g)
-    const A gl = gl_[r], gh = HAS_GH ? gh_[r] : A(0), lz = lse_[r];
-    const A c = lz - ent_[r];
-    const A floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));  // keeps gh (s - c) finite where z = -inf
+    const rowmath::BwdConsts<A> bc = rowmath::bwd_consts<A>(it, lse_[r], ent_[r], gl_[r], HAS_GH ? gh_[r] : A(0));
     __syncthreads();
     const RowSplit sp = split_row(z, p.V);
-    map_row<T>(z, g, p.V, sp, [&](int64_t, A x) -> A {
-      if (HAS_GH) {
-        A sv = x * it;
-        sv = sv > floor ? sv : floor;
-        return -exp_(sv - lz) * (gl + gh * (sv - c)) * it;
-      }
-      return -gl * it * exp_(x * it - lz);
-    });
-    __syncthreads();
-    if (threadIdx.x == 0 && ok) {
-      const A sy = zy * it, py = exp_(sy - lz);
-      g[y] = Elem<T>::from((-gl * expm1_(sy - lz) - gh * py * (sy - c)) * it);  // 1 - p_y = -expm1
-    }
+    const bool same = (reinterpret_cast<uintptr_t>(z) % 16) == (reinterpret_cast<uintptr_t>(g) % 16);
+    const A part = same ? rowmath::thread_bwd<A, n, HAS_GH>(RowSrc<T>{z}, VecDst<T>{g}, sp.head, sp.nvec,
+                                                            sp.tail_start, p.V, y, threadIdx.x, kBlock, bc)
+                        : rowmath::thread_bwd<A, n, HAS_GH>(RowSrc<T>{z}, ScalarDst<T>{g}, sp.head, sp.nvec,
+                                                            sp.tail_start, p.V, y, threadIdx.x, kBlock, bc);
+    const A rest = block_sum<A>(part, smem);  // (its __syncthreads() order every write of the row before g[y])
+    if (threadIdx.x == 0 && ok) g[y] = Elem<T>::from(rowmath::bwd_target(bc, zy, rest, HAS_GH));
     __syncthreads();
   }
 }

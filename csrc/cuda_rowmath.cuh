@@ -1,5 +1,6 @@
 // The row arithmetic of the CUDA kernels (cuda_kernels.cuh) as host+device inline functions: the per-thread
-// accumulation of a row's softmax statistics, their merge, and the per-row outputs and gradient constants. No
+// accumulation of a row's softmax statistics, their merge, the per-row outputs and gradient constants, and the
+// two-pass backward's per-thread gradient and rest sum (thread_bwd) and target entry (bwd_target). No
 // CUDA runtime or torch is needed, so the same code also compiles as plain C++ (tests/cuda_rowmath_host.cpp, built
 // by tests/test_cuda_rowmath.py with the host compiler, emulates a block's reduction on the CPU with it).
 //
@@ -296,8 +297,108 @@ template <typename A>
 GRPO_HD A grad_target(const Stat<A>& st, const RowOut<A>& o, A zy, A it, A cf, A ec, bool has_ec) {
   const A omp = -m_expm1(o.logp);
   if (!has_ec) return cf * omp * it;
-  const A ty = (zy - st.m) * it;
+  A ty = (zy - st.m) * it;
+  ty = ty < u_floor<A>() ? u_floor<A>() : ty;  // z_y = -inf: p_y = 0, and no 0 * -inf (a NaN stays NaN)
   return (cf * omp - ec * m_exp(o.logp) * (ty - o.mu)) * it;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The two-pass backward (bwd_kernel): the gradient from the forward's lse and H (it = 1/tau, s_v = z_v it),
+//   g_v = -p_v (gl + gh (s_v - c)) it,  p_v = exp(s_v - lse),  c = lse - H,
+// where s_v is floored at lse - 200 (fp32; fp64: lse - 1000) when gh is given: z = -inf has p = 0 and the floor
+// keeps gh (s - c) finite there. The same pass sums rest = sum_{v != y} p_v (the target's own term left out, not
+// subtracted), and the target's entry is made of it: 1 - exp(s_y - lse) of an fp32 lse keeps nothing of a
+// 1 - p_y below ~|lse| 6e-8 (the fp32 lse is that coarse), rest keeps its relative accuracy at p_y ≈ 1.
+// ---------------------------------------------------------------------------------------------------------
+template <typename A>
+struct BwdConsts {
+  A it, lz, h, c, floor, gl, gh, k;  // k = -gl it
+};
+
+template <typename A>
+GRPO_HD BwdConsts<A> bwd_consts(A it, A lz, A h, A gl, A gh) {
+  BwdConsts<A> b;
+  b.it = it;
+  b.lz = lz;
+  b.h = h;
+  b.c = lz - h;
+  b.floor = lz - (sizeof(A) == 4 ? A(200) : A(1000));
+  b.gl = gl;
+  b.gh = gh;
+  b.k = -gl * it;
+  return b;
+}
+
+// g_v of one element x = z_v; p = p_v.
+template <typename A, bool HAS_GH>
+GRPO_HD A bwd_elem(const BwdConsts<A>& b, A x, A& p) {
+  if (HAS_GH) {
+    A sv = x * b.it;
+    sv = sv > b.floor ? sv : b.floor;
+    p = m_exp(sv - b.lz);
+    return -p * (b.gl + b.gh * (sv - b.c)) * b.it;
+  }
+  p = m_exp(m_fma(x, b.it, -b.lz));
+  return b.k * p;
+}
+
+// The target's entry (gl (1 - p_y) - gh p_y (s_y - c)) it with 1 - p_y = rest and, while rest < 1/2 (p_y > 1/2),
+// s_y - c = log p_y + H = log1p(-rest) + H: both small for a confident target, where s_y - c itself would cancel
+// (for a small p_y log1p(-rest) would lose it: the plain difference is used there).
+template <typename A>
+GRPO_HD A bwd_target(const BwdConsts<A>& b, A zy, A rest, bool has_gh) {
+  A gy = b.gl * rest;
+  if (has_gh) {
+    A sy = zy * b.it;
+    sy = sy < b.floor ? b.floor : sy;  // (a NaN stays NaN)
+    const A py = m_exp(sy - b.lz);
+    const A ty = rest < A(0.5) ? m_log1p(-rest) + b.h : sy - b.c;
+    gy = m_fma(-(b.gh * py), ty, gy);
+  }
+  return gy * b.it;
+}
+
+// One thread's share of the bwd row, in map_row's (cuda_kernels.cuh) element-to-thread assignment: a scalar head
+// [0, head), vectors of NV from head (vector j at head + j NV, j = tid, tid + nthreads, ...), a scalar tail
+// [tail_start, V). Writes g_v through dst (void one(int64_t i, A g), void vec(int64_t i, const A* g): NV values
+// from i; it may write into the row src reads: each element is read before it is written) and returns the
+// thread's part of rest: a tree per vector (the target's lane zeroed), added into one running sum.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename A, int NV, bool HAS_GH, class Src, class Dst>
+GRPO_HD A thread_bwd(const Src& src, const Dst& dst, int64_t head, int64_t nvec, int64_t tail_start, int64_t V,
+                     int64_t y, int tid, int nthreads, const BwdConsts<A>& b) {
+  A rest = A(0);
+  for (int64_t i = tid; i < head; i += nthreads) {
+    A p;
+    dst.one(i, bwd_elem<A, HAS_GH>(b, src.one(i), p));
+    if (i != y) rest += p;
+  }
+  for (int64_t j = tid; j < nvec; j += nthreads) {
+    const int64_t i0 = head + j * NV;
+    A x[NV], e[NV];
+    src.vec(i0, x);
+GRPO_UNROLL
+    for (int k = 0; k < NV; ++k) x[k] = bwd_elem<A, HAS_GH>(b, x[k], e[k]);
+    if (static_cast<uint64_t>(y - i0) < static_cast<uint64_t>(NV)) {  // once per row (one thread)
+GRPO_UNROLL
+      for (int k = 0; k < NV; ++k) e[k] = i0 + k == y ? A(0) : e[k];
+    }
+GRPO_UNROLL
+    for (int w = 1; w < NV; w *= 2) {
+GRPO_UNROLL
+      for (int k = 0; k + w < NV; k += 2 * w) e[k] += e[k + w];
+    }
+    rest += e[0];
+    dst.vec(i0, x);
+  }
+  for (int64_t i = tail_start + tid; i < V; i += nthreads) {
+    A p;
+    dst.one(i, bwd_elem<A, HAS_GH>(b, src.one(i), p));
+    if (i != y) rest += p;
+  }
+  return rest;
 }
 
 // ---------------------------------------------------------------------------------------------------------

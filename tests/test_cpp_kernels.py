@@ -286,7 +286,7 @@ def _confident_rows(device, dtype, temperature, R=48, V=4099, seed=0):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
     """Targets with p_y = 1 − (1e-7 … 1e-17): log p_y (fwd and fwd_grad) and the target's gradient c·(1 − p_y)/τ
-    (fwd_grad, also with ent_coef) to fp32 relative accuracy -- the sum of the other classes is never rounded
+    (fwd_grad, also with ent_coef; the two-pass bwd, also with grad_entropy) to fp32 relative accuracy -- the sum of the other classes is never rounded
     against the target's term (the earlier CPU kernels lost up to ~60% of 1 − p_y here, the CUDA ones all of it)."""
     z, tok, ref_lp, ref_omp, bound = _confident_rows(device, dtype, temperature)
     R = tok.shape[1]
@@ -313,6 +313,46 @@ def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
     want2 = (coef.double().cpu() * ref_omp - ec.double().cpu() * (1 - ref_omp) * ty_mu) / temperature
     gy2 = g2.gather(-1, tok[..., None])[..., 0].double().cpu()
     assert ((gy2 / want2 - 1).abs() <= tol + 1e-6).all()
+    # the two-pass backward, from the forward's fp32 lse and H: 1 − p_y = Σ_{v≠y} p_v summed in the bwd pass (the
+    # earlier −expm1(z_y/τ − lse) lost all of it), with g_H the entropy term's z_y/τ − (lse − H) = log1p(−Σ) + H.
+    # Allowed: 8 ulps, the rounding of each term's exponent argument z_v/τ − lse (|z_v/τ| + |t_v| ulps, weighted by
+    # the terms) and the error of the fp32 lse itself (a factor common to every p_v), + the gradient's rounding
+    _, lse, ent = cx.logprobs_fwd(z, tok, keep, temperature, True)
+    zt = zd / temperature
+    lse_true = torch.logsumexp(zt, -1)
+    t_v = zt - lse_true[..., None]
+    w = t_v.exp().scatter(-1, tok.cpu()[..., None], 0.0)
+    arg = torch.where(w > 0, zt.abs() + t_v.abs(), torch.zeros_like(zt))
+    bwd_tol = (2.0 ** -24 * (8 + (w * arg).sum(-1) / w.sum(-1)) + (lse.double().cpu() - lse_true).abs()
+               + (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24))
+    g3 = cx.logprobs_bwd(coef, None, z, tok, keep, lse, ent, temperature)
+    gy3 = g3.gather(-1, tok[..., None])[..., 0].double().cpu()
+    rel3 = (gy3 / want - 1).abs()
+    assert (rel3 <= bwd_tol).all(), (rel3 / bwd_tol).max().item()
+    g4 = cx.logprobs_bwd(coef, ec, z, tok, keep, lse, ent, temperature)
+    gy4 = g4.gather(-1, tok[..., None])[..., 0].double().cpu()
+    assert ((gy4 / want2 - 1).abs() <= bwd_tol + 1e-5).all(), (gy4 / want2 - 1).abs().max().item()
+
+
+def test_minus_inf_target_with_the_entropy_term(device):
+    """A target logit of -inf in a finite row (ℓ = -inf, p_y = 0): the entropy term of its gradient entry is 0, not
+    0·(-inf) = NaN, in the one-pass kernel with ent_coef and in the two-pass bwd with grad_entropy; the entry is
+    g·(1 − p_y)/τ = g/τ, as autograd gives."""
+    z = torch.randn(1, 3, 300, device=device)
+    tok = torch.tensor([[9, 4, 200]], device=device)
+    z[0, 0, 9] = float("-inf")
+    z[0, 2, 200] = float("-inf")
+    keep = torch.ones(1, 3, dtype=torch.bool, device=device)
+    c = torch.tensor([[1.0, -0.5, 2.0]], device=device)
+    lp, lse, ent, g = cx.logprobs_fwd_grad(z, tok, keep, c, 0.8, True, ent_coef=c)
+    g2 = cx.logprobs_bwd(c, c, z, tok, keep, lse, ent, 0.8)
+    zr = z.detach().double().cpu().requires_grad_(True)
+    rl, rh = _ref(zr, tok.cpu(), keep.cpu(), 0.8)
+    (want,) = torch.autograd.grad((c.double().cpu() * (rl + rh)).sum(), zr)
+    assert torch.isinf(lp[0, 0]) and torch.isinf(lp[0, 2])
+    for gr in (g, g2):
+        assert torch.isfinite(gr).all()
+        torch.testing.assert_close(gr.double().cpu(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_large_vocabulary_rows(device):

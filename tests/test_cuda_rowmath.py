@@ -50,6 +50,10 @@ def lib(tmp_path_factory):
         f.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, p, ctypes.c_double, ctypes.c_int, ctypes.c_int64,
                       ctypes.c_int, p, p, p, p]
         f.restype = ctypes.c_int
+    for f in (so.grpo_rowmath_bwd_f32, so.grpo_rowmath_bwd_f64):
+        f.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, p, p, p, ctypes.c_double, ctypes.c_int, ctypes.c_int64,
+                      p]
+        f.restype = ctypes.c_int
     return so
 
 
@@ -67,6 +71,23 @@ def run(lib, z, tok, coef, temperature, vec, head=0, with_entropy=True, ent_coef
            1.0 / temperature, vec, head, int(with_entropy), *[o.data_ptr() for o in outs])
     assert rc == 0
     return outs
+
+
+def run_bwd(lib, z, tok, gl, lse, ent, temperature, vec, head=0, gh=None, inplace=False):
+    """The kernel's bwd gradient rows for ``z (R, V)`` (fp32 or fp64) from the forward's ``lse`` and ``ent``, one
+    emulated block per row; ``inplace``: written into (a copy of) the logits themselves."""
+    z = z.contiguous()
+    R, V = z.shape
+    f = lib.grpo_rowmath_bwd_f32 if z.dtype == torch.float32 else lib.grpo_rowmath_bwd_f64
+    row = [t.to(z.dtype).contiguous() for t in (gl, lse, ent)]
+    ghc = gh.to(z.dtype).contiguous() if gh is not None else None
+    tok = tok.to(torch.int64).contiguous()
+    src = z.clone() if inplace else z
+    out = src if inplace else torch.empty_like(z)
+    rc = f(src.data_ptr(), R, V, tok.data_ptr(), row[0].data_ptr(), ghc.data_ptr() if ghc is not None else None,
+           row[1].data_ptr(), row[2].data_ptr(), 1.0 / temperature, vec, head, out.data_ptr())
+    assert rc == 0
+    return out
 
 
 def confident_reference(z, tok, temperature):
@@ -229,3 +250,106 @@ def test_nan_and_all_minus_inf_rows(lib):
     for r in (0, 1, 3):
         assert torch.isnan(logp[r]) and torch.isnan(lse[r]) and torch.isnan(ent[r])
     assert lse[2] == float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two-pass backward (bwd_kernel): the gradient from the forward's lse and H
+# ----------------------------------------------------------------------------------------------------------
+def bwd_bound(z, tok, lse, temperature):
+    """Relative error allowed for bwd's 1 − p_y = Σ_{v≠y} p_v of a confident row: 8 ulps (the tree of positive
+    additions, the output) plus the rounding of each term's exponent argument weighted by the terms (an fp32 z_v/τ
+    then − lse: |z_v/τ|·2⁻²⁴ + |t_v|·2⁻²⁴, t_v = z_v/τ − lse), plus the error of the fp32 lse the kernel is given
+    (a factor e^−δ common to every term: inherent to the two-pass schedule, which saves lse in fp32)."""
+    zd = z.double() / temperature
+    lse_true = torch.logsumexp(zd, -1)
+    t = zd - lse_true[:, None]
+    w = t.exp().scatter(-1, tok[:, None], 0.0)
+    arg = torch.where(w > 0, zd.abs() + t.abs(), torch.zeros_like(zd))
+    return EPS32 * (8 + (w * arg).sum(-1) / w.sum(-1)) + (lse.double() - lse_true).abs()
+
+
+def confident_entropy_term(z, tok, temperature):
+    """fp64 ``log p_y + H = −Σ_{v≠y} e_v t_v / (1 + Σ_{v≠y} e_v)``, ``t_v = (z_v − z_y)/τ``, ``e_v = exp(t_v)``: the
+    target's ``z_y/τ − (lse − H)`` computed from the other classes (it is tiny, and positive, for a confident one)."""
+    zd = z.double()
+    t = (zd - zd.gather(-1, tok[:, None])) / temperature
+    e = t.exp().scatter(-1, tok[:, None], 0.0)
+    et = torch.where(e > 0, e * t, torch.zeros_like(e))
+    return -et.sum(-1) / (1 + e.sum(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype,vec", [(torch.float32, 4), (torch.bfloat16, 8)])
+@pytest.mark.parametrize("V,head", [(4096, 0), (32000, 3), (1000, 5)])
+def test_bwd_confident_targets_keep_fp32_relative_accuracy(lib, dtype, vec, temperature, V, head):
+    """bwd's target entry at 1 − p_y from ~1e-7 down to ~1e-17: g·(1 − p_y)/τ with 1 − p_y = Σ_{v≠y} p_v, summed in
+    the same pass from the forward's fp32 lse (the earlier −g·expm1(z_y/τ − lse)/τ gave 0, or one ulp of lse: every
+    such row wrong); with g_H the entropy term's z_y/τ − (lse − H) = log1p(−Σ_{v≠y} p_v) + H (it cancelled too)."""
+    R = 64
+    z, tok = confident_rows(R, V, dtype, temperature, seed=V + head + 1)
+    gl = torch.linspace(-2, 2, R)
+    _, lse, ent, _ = run(lib, z, tok, gl, temperature, vec, head, with_entropy=True)
+    g = run_bwd(lib, z, tok, gl, lse, ent, temperature, vec, head)
+    _, ref_omp = confident_reference(z, tok, temperature)
+    assert (ref_omp < 1e-6).all() and (ref_omp > 0).all()
+    rows = torch.arange(R)
+    bound = bwd_bound(z, tok, lse, temperature) + EPS32  # + the roundings of g·rest·it
+    rel = (g[rows, tok].double() / (gl.double() * ref_omp / temperature) - 1).abs()
+    assert (rel <= bound).all(), (rel / bound).max().item()
+    # the formula it replaced: all of it lost
+    old = (-gl * torch.expm1(z[rows, tok] / temperature - lse) / temperature).double()
+    assert ((old / (gl.double() * ref_omp / temperature) - 1).abs() > 0.5).all()
+    assert torch.allclose(g.double().sum(-1), torch.zeros(R, dtype=torch.float64), atol=1e-6)
+    # with g_H: (g (1 − p_y) − g_H p_y (log p_y + H))/τ; the forward's H carries its own fp32 error into the term
+    gh = torch.linspace(1, -1, R)
+    g2 = run_bwd(lib, z, tok, gl, lse, ent, temperature, vec, head, gh=gh)
+    want = (gl.double() * ref_omp - gh.double() * (1 - ref_omp) * confident_entropy_term(z, tok, temperature))
+    rel2 = (g2[rows, tok].double() / (want / temperature) - 1).abs()
+    assert (rel2 <= 1e-5).all(), rel2.max().item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("with_gh", [False, True])
+@pytest.mark.parametrize("dtype,vec", [(torch.float32, 4), (torch.bfloat16, 8), (torch.float64, 2),
+                                       (torch.float32, 1)])
+@pytest.mark.parametrize("V,head", [(67, 0), (67, 3), (3001, 1), (20000, 0)])
+def test_bwd_matches_fp64(lib, dtype, vec, V, head, with_gh, temperature):
+    """Ordinary rows (-inf entries, ties, a constant row): the whole bwd gradient row from the emulated forward's
+    lse and H against fp64 eager math; written into the logits themselves, the same values."""
+    R = 6
+    z, tok = ordinary_rows(R, V, dtype, seed=V * 5 + head)
+    g_ = torch.Generator().manual_seed(V + 1)
+    gl = torch.randn(R, generator=g_, dtype=torch.float64)
+    gh = torch.randn(R, generator=g_, dtype=torch.float64) if with_gh else None
+    _, lse, ent, _ = run(lib, z, tok, gl, temperature, vec, head, True)
+    g = run_bwd(lib, z, tok, gl, lse, ent, temperature, vec, head, gh=gh)
+    assert torch.equal(g, run_bwd(lib, z, tok, gl, lse, ent, temperature, vec, head, gh=gh, inplace=True))
+    *_, rg = reference(z, tok, gl.to(z.dtype), temperature, gh.to(z.dtype) if with_gh else None)
+    # (atol: with g_H an entry's gl + gh (z_v/τ − (lse − H)) may nearly cancel, and z_v/τ − (lse − H) carries the
+    # fp32 rounding of z_v/τ and lse: |z/τ|·2⁻²⁴ ≈ 1e-6 absolute, as in the CPU kernels and autograd in fp32)
+    if z.dtype == torch.float64:
+        gtol = dict(rtol=1e-11, atol=1e-13)
+    else:
+        gtol = dict(rtol=2e-5, atol=1e-6 if with_gh else 1e-7)
+    torch.testing.assert_close(g.double(), rg, **gtol)
+    assert (g[0, : V // 3] == 0).all() and (g[1, 1::2] == 0).all()
+
+
+def test_bwd_nan_rows_and_minus_inf_target(lib):
+    """A NaN logit (hence a NaN lse) makes its bwd row NaN; a target logit of -inf in a finite row gives a finite
+    row (target entry ≈ g/τ: the g_H term is 0 there, not 0·-inf), in bwd and in fwd_grad with ent_coef."""
+    V = 300
+    z = torch.randn(3, V)
+    z[0, 123] = float("nan")
+    z[1, :] = float("nan")
+    z[2, 9] = float("-inf")
+    tok = torch.tensor([5, 7, 9])
+    ones = torch.ones(3)
+    _, lse, ent, _ = run(lib, z, tok, ones, 1.0, 4, 0, True)
+    for gh in (None, ones):
+        g = run_bwd(lib, z, tok, ones, lse, ent, 1.0, 4, 0, gh=gh)
+        assert torch.isnan(g[0]).all() and torch.isnan(g[1]).all()
+        assert torch.isfinite(g[2]).all() and abs(g[2, 9].item() - 1.0) < 1e-5  # 1 − p_y = Σ_{v≠y} p_v ≈ 1
+    # fwd_grad with ent_coef, the same -inf target: p_y = 0 multiplies a floored t_y, not -inf
+    lp, _, _, g1 = run(lib, z[2:], tok[2:], ones[2:], 1.0, 4, 0, True, ent_coef=ones[2:])
+    assert lp[0] == float("-inf") and torch.isfinite(g1).all() and abs(g1[0, 9].item() - 1.0) < 1e-5

@@ -330,15 +330,11 @@ def test_confident_target_fp32(b):
         torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-7)
 
 
-_CANCELS = pytest.mark.xfail(strict=True, reason="log p_y is formed as z_y/τ − lse (C++: (z_y − max)/τ − "
-                                                 "log Σ) and 1 − p_y from p_y: both cancel when p_y ≈ 1 in fp32")
-
-
-@pytest.mark.parametrize("b", cases(extra_marks=lambda b: [] if b.name == "triton" else [_CANCELS]))
+@pytest.mark.parametrize("b", cases())
 def test_confident_target_keeps_relative_accuracy_in_fp32(b):
-    """log p_y and the target gradient c·(1 − p_y) at p_y = 1 − O(1e-9) keep full relative accuracy (computed from
-    the sum over the other classes, not as z_y − lse or 1 − exp(ℓ)). Triton does; the others are expected to
-    fail (strict xfail: a fix shows up as XPASS)."""
+    """log p_y and the target gradient c·(1 − p_y) at p_y = 1 − O(1e-9) keep full relative accuracy, in the forward,
+    the one-pass gradient and the two-pass backward alike: computed from the sum over the other classes, never as
+    z_y/τ − lse or 1 − exp(ℓ) (both lose every digit of such a 1 − p_y in fp32)."""
     y, lp64, g64, lps, grads = _confident_fp32(b)
     for lp in lps:
         assert abs(lp[4, 1].double() / lp64[4, 1] - 1) < 1e-5

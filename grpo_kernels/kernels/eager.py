@@ -1,10 +1,17 @@
 """Backend ``"torch"``: the kernel contract (see :mod:`grpo_kernels.kernels`) in eager PyTorch.
 
 Not a speed path: it runs everywhere (any device torch supports), so ``backend="torch"`` means this one
-implementation in ``grpo_loss``, ``token_logprobs`` and the fused-linear path alike. The forward
-comes from :func:`grpo_kernels.reference.token_logprobs` (the one eager copy), the backward is the contract's
-closed-form row gradient (autograd is not available inside a custom op's implementation); rows are
-processed in slices so the fp32 temporaries stay bounded (``ROW_BLOCK`` rows at a time).
+implementation in ``grpo_loss``, ``token_logprobs`` and the fused-linear path alike. The forward equals
+:func:`grpo_kernels.reference.token_logprobs` to rounding, the backward is the contract's closed-form row gradient
+(autograd is not available inside a custom op's implementation); rows are processed in slices so the fp32
+temporaries stay bounded (``ROW_BLOCK`` rows at a time).
+
+Confident targets (``p_y ≈ 1``): nothing is formed as ``z_y/τ − lse``, nor ``1 − p_y`` from ``p_y`` -- in fp32 both
+keep nothing of a ``1 − p_y`` below ~``|lse|·6e-8``. The forward takes ``ℓ = −softplus(x)``,
+``x = logsumexp_{v≠y}(z_v/τ) − z_y/τ`` (``= log((1 − p_y)/p_y)``), and ``H = Σ_{v≠y} p_v (lse − z_v/τ) − p_y ℓ``
+(non-negative terms); the backward writes the target's ``1 − p_y`` as ``Σ_{v≠y} p_v`` and its entropy term's
+``log p_y + H`` from that sum. Everything is tensor arithmetic (``torch.where``, no host-side branch), so the module
+runs inside ``torch.compile`` and CUDA-graph-captured steps.
 """
 
 from __future__ import annotations
@@ -33,6 +40,43 @@ def _rows(logits: Tensor, tokens: Tensor, mask: Tensor):
     return z, y
 
 
+_NEG_INF = float("-inf")
+_INF = float("inf")
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + e^x)`` to rounding for every x (``F.softplus`` returns x above its threshold: an error of
+    ``e^-20`` there, more than fp64 rounding)."""
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def _fwd_rows(zb: Tensor, yb: Tensor, temperature: float, with_entropy: bool, acc: torch.dtype):
+    """``(logp, lse, entropy)`` of a slice of rows (``yb == -100``: outputs 0; entropy None unless asked).
+
+    ``ℓ = −softplus(x)`` with ``x = logsumexp_{v≠y}(z_v/τ) − z_y/τ``: ``e^x = Σ_{v≠y} p_v / p_y``, so for a
+    confident target ℓ ≈ −e^x keeps its relative accuracy (``z_y/τ − lse`` would be 0 or one ulp of lse), and for any
+    other row it is ``z_y/τ − lse`` to rounding. ``lse = z_y/τ + softplus(x)`` (the others' log-sum-exp where
+    ``z_y = −inf``). ``H = Σ_{v≠y} p_v (lse − z_v/τ) + p_y·softplus(x)``: non-negative terms, no cancellation."""
+    z = zb.to(acc)
+    if temperature != 1.0:
+        z = z / temperature
+    keep = yb != -100
+    idx = torch.where(keep, yb, torch.zeros_like(yb)).long().unsqueeze(-1)
+    zy = z.gather(-1, idx)
+    others = z.scatter(-1, idx, _NEG_INF)
+    lse_o = torch.logsumexp(others, -1, keepdim=True)
+    sp = _softplus(lse_o - zy)  # −log p_y (a row of V = 1: lse_o = −inf, sp = 0)
+    lse = torch.where(zy == _NEG_INF, lse_o, zy + sp)
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    ent = None
+    if with_entropy:
+        p_o = torch.exp(others - lse)  # p_v for v ≠ y (0 at y)
+        terms = torch.where(others == _NEG_INF, zero, p_o * (lse - others))  # (−inf logits: p = 0, avoid 0·inf)
+        py_term = torch.where(sp == _INF, zero, torch.exp(-sp) * sp)  # p_y·(−log p_y), 0 at p_y = 0
+        ent = torch.where(keep, (terms.sum(-1, keepdim=True) + py_term).squeeze(-1), zero)
+    return torch.where(keep, -sp.squeeze(-1), zero), torch.where(keep, lse.squeeze(-1), zero), ent
+
+
 def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float,
                  with_entropy: bool, check_ids: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     if check_ids:
@@ -45,18 +89,8 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
     ent = torch.zeros_like(logp)
     with torch.no_grad():
         for a in range(0, S * T, ROW_BLOCK):
-            zb, yb = z[a:a + ROW_BLOCK], y[a:a + ROW_BLOCK]
-            out = _ref.token_logprobs(zb, yb, temperature, return_entropy=with_entropy)
-            lp, h = out if with_entropy else (out, None)
-            keep = yb != -100
+            lp, lse_b, h = _fwd_rows(z[a:a + ROW_BLOCK], y[a:a + ROW_BLOCK], temperature, with_entropy, acc)
             logp[a:a + ROW_BLOCK] = lp
-            y0 = torch.where(keep, yb, 0).long().unsqueeze(-1)
-            target = zb.gather(-1, y0).squeeze(-1).to(acc) / temperature
-            lse_b = torch.where(keep, target - lp, 0.0)  # ℓ = z_y/τ − lse
-            # a target logit of -inf makes that difference NaN: take the log-sum-exp directly there (for the
-            # whole slice, no host-side branch: this runs inside compiled / CUDA-graph-captured steps too)
-            lse_b = torch.where(torch.isfinite(lse_b) | ~keep, lse_b,
-                                torch.logsumexp(zb.to(acc) / temperature, -1))
             lse[a:a + ROW_BLOCK] = lse_b
             if with_entropy:
                 ent[a:a + ROW_BLOCK] = h
@@ -64,20 +98,34 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: floa
 
 
 def _grad_rows(zb: Tensor, yb: Tensor, temperature: float, g: Tensor, gh: Optional[Tensor]) -> Tensor:
-    """The contract's gradient formula on a slice of rows (fp32/fp64 math, cast by the caller)."""
+    """The contract's gradient formula on a slice of rows (fp32/fp64 math, cast by the caller).
+
+    The target's entry is ``(g·(1 − p_y) − g_H·p_y·(log p_y + H))/τ`` with ``1 − p_y = Σ_{v≠y} p_v`` (neither
+    ``1 − p_y`` formed from p_y nor a scatter-add of g onto ``−g·p_y``: both cancel at p_y ≈ 1) and, where that sum
+    is below 1/2, ``log p_y = log1p(−Σ_{v≠y} p_v)``; H is summed from non-negative terms, as in the forward."""
     acc = g.dtype
     z = zb.to(acc) / temperature
+    keep = (yb != -100).unsqueeze(-1)
+    idx = torch.where(keep.squeeze(-1), yb, torch.zeros_like(yb)).long().unsqueeze(-1)
     lse = torch.logsumexp(z, -1, keepdim=True)
     p = torch.exp(z - lse)
     p = torch.where(torch.isfinite(lse), p, torch.zeros_like(p))
-    keep = (yb != -100).unsqueeze(-1)
-    grad = -g.unsqueeze(-1) * p
+    p_o = p.scatter(-1, idx, 0.0)  # p_v for v ≠ y
+    rest = p_o.sum(-1, keepdim=True)  # 1 − p_y
+    g1 = g.unsqueeze(-1)
+    grad = -g1 * p
+    target = g1 * rest
     if gh is not None:
-        finite_z = z.masked_fill(z == float("-inf"), 0.0)
-        h = lse - (p * finite_z).sum(-1, keepdim=True)
-        grad = grad - gh.unsqueeze(-1) * p * (finite_z - (lse - h))
-    idx = torch.where(keep.squeeze(-1), yb, torch.zeros_like(yb)).long().unsqueeze(-1)
-    grad = grad.scatter_add(-1, idx, g.unsqueeze(-1))
+        gh1 = gh.unsqueeze(-1)
+        zero = torch.zeros((), dtype=acc, device=z.device)
+        py = p.gather(-1, idx)
+        lpy = torch.where(rest < 0.5, torch.log1p(-rest), z.gather(-1, idx) - lse)  # log p_y
+        terms = torch.where(z == _NEG_INF, zero, p_o * (lse - z))
+        h = terms.sum(-1, keepdim=True) - torch.where(py > 0, py * lpy, zero)
+        finite_z = z.masked_fill(z == _NEG_INF, 0.0)
+        grad = grad - gh1 * p * (finite_z - (lse - h))
+        target = target - gh1 * torch.where(py > 0, py * (lpy + h), zero)
+    grad = grad.scatter(-1, idx, target)
     return torch.where(keep, grad / temperature, torch.zeros_like(grad))
 
 
