@@ -15,7 +15,8 @@
 //             z_y it - (lse - H) = log1p(-rest) + H: no 1 - exp(z_y it - lse), which loses all of a 1 - p_y below
 //             ~|lse| 6e-8 in fp32 (the fp32 lse itself is that coarse)
 //   fwd_grad: one read of the row from memory: a max pass, then e_v = exp(t_v) written into the gradient row
-//             itself (into an fp32 scratch row for bf16/fp16, or when ent_coef is given), then rescaled in place
+//             itself (into an fp32 scratch row for bf16/fp16, or with ent_coef when z is the gradient row: z is reread
+//             in the last pass), then rescaled in place
 //             from L2: g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.  With ent_coef (g_H = ent_coef, the
 //             entropy always computed): g_v = -(it / sum) e_v (coef + ent_coef (t_v - mu)), mu = sum_v p_v t_v,
 //             where t_v comes from a cache-hot reread of z_v (z_v/tau - (lse - H) = t_v - mu), and
@@ -370,11 +371,11 @@ struct Rows {
     const A* coef = static_cast<const A*>(p.coef);
     const A* ecoef = static_cast<const A*>(p.ent_coef);  // null: no entropy term
     const bool with_ent = p.with_entropy || ecoef != nullptr;
-    // e_v goes into the gradient row itself, unless that cannot hold it in A or z is needed again (ent_coef: t_v
-    // is recomputed from z in the last pass, and z may be the gradient row)
-    const bool use_scratch = !std::is_same<T, A>::value || ecoef != nullptr;
+    // e_v goes into the gradient row itself, unless that cannot hold it in A (bf16/fp16) or z is needed again
+    // and overlaps it (ent_coef: z_v is reread in the last pass, and z may be the gradient row)
+    constexpr bool kSameType = std::is_same<T, A>::value;
     std::unique_ptr<A[]> scratch;
-    if (use_scratch) scratch.reset(new A[V]);
+    if (!kSameType) scratch.reset(new A[V]);
     for (int64_t r = begin; r < end; ++r) {
       T* g = grow(p, r);
       if (!p.mask[r]) {
@@ -386,7 +387,17 @@ struct Rows {
       const int64_t y = p.tokens[r];
       const A zy = static_cast<A>(z[y]);
       const A m = row_max(z, V);
-      A* e = use_scratch ? scratch.get() : reinterpret_cast<A*>(g);
+      A* e = reinterpret_cast<A*>(g);
+      if (!kSameType) {
+        e = scratch.get();
+      } else if (ecoef != nullptr) {
+        const uintptr_t zb = reinterpret_cast<uintptr_t>(z), gb = reinterpret_cast<uintptr_t>(g);
+        const uintptr_t nb = static_cast<uintptr_t>(V) * sizeof(T);
+        if (zb < gb + nb && gb < zb + nb) {  // z is (overlaps) the gradient row: keep z, e_v into scratch
+          if (!scratch) scratch.reset(new A[V]);
+          e = scratch.get();
+        }
+      }
       bool found;
       double s, h;
       if (with_ent)
@@ -419,13 +430,15 @@ struct Rows {
         const double mu = h / rs.sum, kk = -static_cast<double>(it) / rs.sum;
         const A a = static_cast<A>(kk * ec), b = static_cast<A>(kk * (cf - ec * mu));
         const A floor = sizeof(A) == 4 ? A(-200) : A(-1000);
-        const VA va(a), vb(b), vm(m), vit(it), vfloor(floor);
+        // the vector loop folds it into a: a t_v = (a it) d_v, d_v = z_v - m floored at floor / it (the same bits
+        // at it = 1)
+        const VA vai(a * it), vb(b), vm(m), vdfloor(floor / it);
         for (; i + W <= V; i += W) {
           VA x[N];
-          Io<T>::load(z + i, x);  // the cache-hot reread; g may be z: the chunk is read before it is written
+          Io<T>::load(z + i, x);  // the cache-hot reread; g may be z or e: the chunk is read before it is written
           for (int q = 0; q < N; ++q) {
-            const VA t = at::vec::maximum((x[q] - vm) * vit, vfloor);
-            x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(va, t, vb);
+            const VA d = at::vec::maximum(x[q] - vm, vdfloor);
+            x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(vai, d, vb);
           }
           Io<T>::store(g + i, x);
         }
