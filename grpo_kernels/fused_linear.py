@@ -261,6 +261,8 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                            chunk_size: Optional[int] = None,
                            grad_weight_accumulation: str = "auto",
                            cu_seqlens: Optional[Tensor] = None,  # (S + 1,) packed batches
+                           vocab_parallel_group=None,
+                           vocab_start_index: Optional[int] = None,
                            **options):
     """GRPO loss of ``logits = hidden @ weight.T + bias`` without materializing the ``[S, T, V]`` logits.
 
@@ -287,6 +289,9 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
             ``grad_weight`` is accumulated in across chunks (module docstring; fp32/fp64 weights: no effect).
         cu_seqlens: a packed batch (see :func:`grpo_kernels.grpo_loss`): ``hidden`` ``(N, H)`` or ``(1, N, H)``,
             per-token tensors ``(N,)`` or ``(1, N)``; the chunks run over the ``N`` packed rows.
+        vocab_parallel_group / vocab_start_index: a vocabulary-parallel LM head (see
+            :func:`grpo_kernels.grpo_loss`): ``weight`` (and ``bias``) are this rank's rows, ``hidden`` is
+            replicated; always two-phase (:mod:`grpo_kernels.vocab_parallel`).
         **options: the loss options of :class:`~grpo_kernels.options.LossOptions`:
 
         {loss_options}
@@ -303,6 +308,19 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
     data = dict(group_size=group_size, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                 sampling_logprobs=sampling_logprobs, advantages=advantages, num_items_in_batch=num_items_in_batch,
                 loss_scale=loss_scale)
+    if vocab_parallel_group is not None:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens with vocab_parallel_group is not supported yet: pass padded (S, T, H) "
+                             "hidden states with a mask")
+        from . import vocab_parallel as _vp
+
+        return _vp.fused_linear_grpo_loss_from_options(
+            hidden, weight, tokens, rewards, mask, opts, group=vocab_parallel_group, bias=bias,
+            vocab_start_index=vocab_start_index, chunk_size=chunk_size,
+            grad_weight_accumulation=grad_weight_accumulation, backend=backend, return_metrics=return_metrics,
+            **data)
+    if vocab_start_index is not None:
+        raise ValueError("vocab_start_index is only used with vocab_parallel_group= (a vocabulary-parallel LM head)")
     if cu_seqlens is not None:  # packed: the chunks run over the N rows, the eager loss on (S, T) vectors
         h3, tokens_r, mask_r, pk, tokens, mask, data = packed_inputs(hidden, tokens, mask, cu_seqlens, data,
                                                                      name="hidden")
@@ -380,7 +398,8 @@ class FusedLinearGRPOLoss(OptionsModule):
 
     _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
                           num_items_in_batch=None, loss_scale=1.0, return_metrics=False, backend="auto", chunk_size=None,
-                          grad_weight_accumulation="auto", cu_seqlens=None)
+                          grad_weight_accumulation="auto", cu_seqlens=None, vocab_parallel_group=None,
+                          vocab_start_index=None)
 
     def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor, rewards: Optional[Tensor],
                 mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, **overrides):

@@ -39,6 +39,8 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
               backend: str = "auto",
               inplace_backward: bool = False,
               cu_seqlens: Optional[Tensor] = None,  # (S + 1,) packed batches
+              vocab_parallel_group=None,
+              vocab_start_index: Optional[int] = None,
               **options):
     """GRPO loss straight from the LM-head logits.
 
@@ -77,6 +79,13 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
             ``tokens``, ``mask`` and the per-token tensors ``(N,)`` or ``(1, N)``, ``rewards`` ``(S,)`` for the
             ``S`` sequences (grouped contiguously). Same losses as the padded form; no padding is ever read
             (the kernels run on the ``N`` rows; only ``[S, T]`` per-token vectors are padded for the eager loss).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the vocabulary is split
+            (tensor-parallel LM head, Megatron layout): each rank passes its shard ``logits[..., V_r0:V_r1]`` and
+            the *global* token ids; loss, log-probs and metrics are identical on every rank and each rank gets its
+            shard's gradient (two all-reduces of 4-5 floats per row; :mod:`grpo_kernels.vocab_parallel`,
+            docs/scaling.md). None (default) = the whole vocabulary is here.
+        vocab_start_index: with ``vocab_parallel_group``, the first vocabulary id of this rank's shard (default:
+            Megatron's equal contiguous shards in rank order).
         inplace_backward: the gradient is written into the logits' own storage instead of a new ``[S, T, V]``
             buffer: by the one-pass kernel during the forward when ``∂loss/∂ℓ`` is known up front (the logits'
             values are then gone right after this call), else by the backward (gone after ``backward()``). Do
@@ -104,19 +113,32 @@ def grpo_loss(logits: Tensor,  # (S, T, V) float
                       ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, advantages=advantages,
                       num_items_in_batch=num_items_in_batch,
                       loss_scale=loss_scale, return_metrics=return_metrics, backend=backend,
-                      inplace_backward=inplace_backward, cu_seqlens=cu_seqlens)
+                      inplace_backward=inplace_backward, cu_seqlens=cu_seqlens,
+                      vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
 
 
 with_option_keywords(grpo_loss, before="return_metrics")
 
 
 def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metrics: bool, backend: str,
-               inplace_backward: bool, cu_seqlens=None, **data):
+               inplace_backward: bool, cu_seqlens=None, vocab_parallel_group=None, vocab_start_index=None,
+               **data):
     """:func:`grpo_loss` once the options are built (``data``: group_size, the per-batch tensors, loss_scale).
 
     With ``cu_seqlens`` the kernels run on the ``N`` packed rows and the eager loss on the padded ``(S, T)``
     per-token vectors (:mod:`grpo_kernels.packing`): ``to_loss`` maps the kernels' ``(1, N)`` outputs to that
     layout and ``to_rows`` the coefficients back."""
+    if vocab_parallel_group is not None:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens with vocab_parallel_group is not supported yet: pass padded (S, T, V_r) "
+                             "shards with a mask")
+        from . import vocab_parallel as _vp
+
+        return _vp.grpo_loss_from_options(logits, tokens, rewards, mask, opts, group=vocab_parallel_group,
+                                          vocab_start_index=vocab_start_index, return_metrics=return_metrics,
+                                          backend=backend, inplace_backward=inplace_backward, **data)
+    if vocab_start_index is not None:
+        raise ValueError("vocab_start_index is only used with vocab_parallel_group= (a vocabulary-parallel LM head)")
     if cu_seqlens is not None:
         logits, tokens, mask, pk, tokens_p, mask_p, data = packed_inputs(logits, tokens, mask, cu_seqlens, data)
         _v.check_logits(logits)
@@ -165,12 +187,24 @@ def token_logprobs(logits: Tensor,  # (..., V)
                    return_entropy: bool = False,
                    *,
                    mask: Optional[Tensor] = None,  # (...)
-                   backend: str = "auto"):
+                   backend: str = "auto",
+                   vocab_parallel_group=None,
+                   vocab_start_index: Optional[int] = None):
     """Per-token log-probs ``ℓ = z[y]/τ − logsumexp(z/τ)`` (and entropy), differentiable.
 
     ``logits (..., V)``, ``tokens (...)``; positions with ``tokens == -100`` (or ``mask == 0``) give 0 and
     receive no gradient -- the kernels never read their logits. Returns fp32 (fp64 for fp64 logits).
+    ``vocab_parallel_group`` / ``vocab_start_index``: a vocabulary-parallel shard, as in :func:`grpo_loss`.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel as _vp
+
+        lp, ent = _vp.vocab_parallel_token_logprobs(logits, tokens, mask, temperature, return_entropy,
+                                                    group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                                                    backend=backend)
+        return (lp, ent) if return_entropy else lp
+    if vocab_start_index is not None:
+        raise ValueError("vocab_start_index is only used with vocab_parallel_group= (a vocabulary-parallel LM head)")
     _v.check_logits(logits, ndim=None)
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., V) with at least one leading dimension, got {tuple(logits.shape)}")
@@ -236,7 +270,7 @@ class GRPOLoss(OptionsModule):
 
     _CALL_DEFAULTS = dict(old_logprobs=None, ref_logprobs=None, sampling_logprobs=None, advantages=None,
                           num_items_in_batch=None, loss_scale=1.0, return_metrics=False, backend="auto",
-                          inplace_backward=False, cu_seqlens=None)
+                          inplace_backward=False, cu_seqlens=None, vocab_parallel_group=None, vocab_start_index=None)
 
     def forward(self, logits: Tensor, tokens: Tensor, rewards: Optional[Tensor], mask: Optional[Tensor] = None,
                 **overrides):
