@@ -128,11 +128,12 @@ def test_cpu_peak_extra_sees_a_fresh_allocation():
     if not ok:
         pytest.skip(f"Linux-only measurement: {why}")
     n = 64 * 2 ** 20
+    slack = 2 ** 20  # a few pages of the new buffer may already be resident (freed heap the allocator reuses)
     extra = H.cpu_peak_extra(lambda: torch.ones(n // 4))  # the returned tensor stays alive until the reading
-    assert n <= extra < n + 32 * 2 ** 20
+    assert n - slack <= extra < n + 32 * 2 ** 20
     # a temporary that is freed inside the call still counts at its peak
     extra_tmp = H.cpu_peak_extra(lambda: float(torch.ones(n // 4).sum()))
-    assert extra_tmp >= n
+    assert extra_tmp >= n - slack
 
 
 # ----------------------------------------------------------------------------------------------------------
