@@ -8,7 +8,11 @@
 //             rest = sum_{v != i*} e_v (the sum of the row is 1 + rest: the designated max's term e = 1 is kept out
 //             of the sum, so the small terms of a confident row are never rounded against it);
 //             log sum = log1p(rest);  lse = m it + log1p(rest);  logp = (z_y - m) it - log1p(rest);
-//             H = log1p(rest) - sum_v e_v t_v / (1 + rest)  (= lse - sum_v p_v z_v it; -inf logits give 0)
+//             H = log1p(rest) - sum_v e_v t_v / (1 + rest)  (= lse - sum_v p_v z_v it; -inf logits give 0).
+//             The sums run in blocks of 64 vectors, compensated (Kahan) per vector for rest and per kSub = 8
+//             vectors for h (plain fma inside: exp itself is ~20 ulp, the compensation is for the long row).
+//             h runs first without a floor on t_v; a row whose h came out NaN (a -inf or NaN logit) is summed
+//             again with the floor, and the next kStickyRows rows take it from the start (Rows::kStickyRows).
 //   bwd:      g_v = -p_v (gl + gh (z_v it - (lse - H))) it, p_v = exp(z_v it - lse) from the forward's lse, while
 //             the same pass sums rest = sum_{v != y} p_v (the target's term left out); then the target entry
 //             g_y = (gl (1 - p_y) - gh p_y (z_y it - (lse - H))) it with 1 - p_y = rest and, for rest < 1/2,
@@ -20,7 +24,8 @@
 //             from L2: g_v = -coef it e_v / sum;  g_y = -coef expm1(logp) it.  With ent_coef (g_H = ent_coef, the
 //             entropy always computed): g_v = -(it / sum) e_v (coef + ent_coef (t_v - mu)), mu = sum_v p_v t_v,
 //             where t_v comes from a cache-hot reread of z_v (z_v/tau - (lse - H) = t_v - mu), and
-//             g_y = (coef (1 - p_y) - ent_coef p_y (t_y - mu)) it.
+//             g_y = (coef (1 - p_y) - ent_coef p_y (t_y - mu)) it.  That last pass floors t_v at kFloor only
+//             where it has to (a row with a -inf logit, or an affine map that could overflow).
 // Masked rows are never read: outputs 0 and a zero gradient row. Reductions run in a fixed order inside
 // each row, so results do not depend on the thread count (bitwise deterministic).
 #pragma once
@@ -92,6 +97,10 @@ template <typename A>
 inline A smax(A a, A b) {  // NaN-propagating max
   return (std::isnan(a) || a > b) ? a : b;
 }
+template <typename A>
+inline A smin(A a, A b) {  // NaN-propagating min
+  return (std::isnan(a) || a < b) ? a : b;
+}
 
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {  // fixed-order horizontal sum
@@ -152,6 +161,14 @@ struct Rows {
     return m;
   }
 
+  // The entropy terms need t_v = (z_v - m) it with e_v = exp(t_v) = 0 at a -inf logit: 0 * -inf would be NaN.
+  // The loops first run without floors on t_v (exact for finite t_v: the same bits as with them); a row where that
+  // made the entropy sum h NaN (a -inf logit, or a NaN) is summed again with the floors, which keep such a t_v
+  // finite (the lowest finite value in exp_pass, kFloor in the last pass of fwd_grad). Rows in a batch tend to be
+  // alike, so after a row that needed them the next kStickyRows rows take the floors from the start.
+  static constexpr int kStickyRows = 16;
+  static constexpr A kFloor = sizeof(A) == 4 ? A(-200) : A(-1000);  // exp(kFloor) is 0 in A
+
   // rest = sum_{v != i*} e_v and (ENT) h = sum_v e_v t_v with t_v = (z_v - m) it, e_v = exp(t_v), where i* is the
   // first index with z_v = m (the designated max, e = 1: `found` tells whether there is one -- not in a row of -inf,
   // whose m is 0, or a NaN row); (STORE) e_v -> e_out[v] for every v (i* included). e_out may alias z (same
@@ -162,7 +179,9 @@ struct Rows {
   // the 1 in a lane, the fp32 horizontal sum of the lanes would round the other terms against it). The search for
   // i* runs inside the pass, on the values already loaded, until it is found.
   static constexpr int64_t kBlock = 64 * W;
-  template <bool ENT, bool STORE>
+  static constexpr int64_t kSub = 8;  // (ENT) terms per lane summed plainly (fma) before the compensated sum
+  // FLOOR (ENT): floor t_v in the entropy sum (see kStickyRows).
+  template <bool ENT, bool STORE, bool FLOOR = true>
   static void exp_pass(const T* z, int64_t V, A m, A it, A* e_out, bool& found, double& sum_out, double& h_out) {
     const VA vm(m), vit(it), vlow(std::numeric_limits<A>::lowest());
     const int64_t vend = V - V % W;
@@ -173,14 +192,17 @@ struct Rows {
     while (i < vend) {
       const int64_t stop = std::min(vend, i + kBlock);
       VA vs(0), cs(0), vh(0), ch(0);
-      for (; i < stop; i += W) {
+      while (i < stop) {
+        const int64_t sub = std::min(stop, i + kSub * L);
+        VA sh(0);
+        for (; i < sub; i += W) {
         VA x[N];
         Io<T>::load(z + i, x);
         for (int k = 0; k < N; ++k) {
           const VA t = (x[k] - vm) * vit;
           VA e = vexp(t);
           if (STORE) e.store(e_out + i + k * L);
-          if (ENT) kahan_add(vh, ch, e * at::vec::maximum(t, vlow));  // -inf logit: e = 0, avoid 0 * -inf
+          if (ENT) sh = at::vec::fmadd(e, FLOOR ? at::vec::maximum(t, vlow) : t, sh);  // -inf: e = 0, not 0 * -inf
           if (!hit) {
             // zero_mask() of the comparison: bit j set where lane j is *not* equal to m
             const int64_t ne = static_cast<int64_t>((x[k] == vm).zero_mask()) & kAll;
@@ -196,6 +218,8 @@ struct Rows {
           }
           kahan_add(vs, cs, e);
         }
+        }
+        if (ENT) kahan_add(vh, ch, sh);
       }
       s += static_cast<double>(hsum(vs)) - static_cast<double>(hsum(cs));
       if (ENT) h += static_cast<double>(hsum(vh)) - static_cast<double>(hsum(ch));
@@ -243,6 +267,7 @@ struct Rows {
     A* logp = static_cast<A*>(p.logp);
     A* lse = static_cast<A*>(p.lse);
     A* ent = static_cast<A*>(p.ent);
+    int floored = 0;  // rows left that take the floors from the start (kStickyRows)
     for (int64_t r = begin; r < end; ++r) {
       if (!p.mask[r]) {
         logp[r] = lse[r] = ent[r] = 0;
@@ -253,10 +278,15 @@ struct Rows {
       const A m = row_max(z, V);
       bool found;
       double s, h;
-      if (p.with_entropy)
-        exp_pass<true, false>(z, V, m, it, nullptr, found, s, h);
-      else
+      if (!p.with_entropy) {
         exp_pass<false, false>(z, V, m, it, nullptr, found, s, h);
+      } else {
+        if (floored == 0) exp_pass<true, false, false>(z, V, m, it, nullptr, found, s, h);
+        if (floored > 0 || std::isnan(h)) {  // a -inf (or NaN) logit: again with the floors
+          exp_pass<true, false>(z, V, m, it, nullptr, found, s, h);
+          floored = floored > 0 ? floored - 1 : kStickyRows;
+        }
+      }
       const RowSums rs = finish(found, s, h);
       const A ls = static_cast<A>(rs.log_sum);
       lse[r] = row_lse(m, it, ls);
@@ -376,6 +406,7 @@ struct Rows {
     constexpr bool kSameType = std::is_same<T, A>::value;
     std::unique_ptr<A[]> scratch;
     if (!kSameType) scratch.reset(new A[V]);
+    int floored = 0;  // rows left that take the floors from the start (kStickyRows)
     for (int64_t r = begin; r < end; ++r) {
       T* g = grow(p, r);
       if (!p.mask[r]) {
@@ -388,22 +419,37 @@ struct Rows {
       const A zy = static_cast<A>(z[y]);
       const A m = row_max(z, V);
       A* e = reinterpret_cast<A*>(g);
+      bool z_kept = true;  // z is still there after the exp pass (not overwritten by e_v)
       if (!kSameType) {
         e = scratch.get();
-      } else if (ecoef != nullptr) {
+      } else {
         const uintptr_t zb = reinterpret_cast<uintptr_t>(z), gb = reinterpret_cast<uintptr_t>(g);
         const uintptr_t nb = static_cast<uintptr_t>(V) * sizeof(T);
-        if (zb < gb + nb && gb < zb + nb) {  // z is (overlaps) the gradient row: keep z, e_v into scratch
-          if (!scratch) scratch.reset(new A[V]);
-          e = scratch.get();
+        if (zb < gb + nb && gb < zb + nb) {  // z is (overlaps) the gradient row
+          if (ecoef != nullptr) {  // z is reread in the last pass: keep it, e_v into scratch
+            if (!scratch) scratch.reset(new A[V]);
+            e = scratch.get();
+          } else {
+            z_kept = false;
+          }
         }
       }
       bool found;
       double s, h;
-      if (with_ent)
-        exp_pass<true, true>(z, V, m, it, e, found, s, h);
-      else
+      bool unfloored = false;  // (with_ent) h came without floors: every t_v is finite
+      if (!with_ent) {
         exp_pass<false, true>(z, V, m, it, e, found, s, h);
+      } else if (floored > 0 || !z_kept) {  // (no second look at an overwritten z: the floors from the start)
+        exp_pass<true, true>(z, V, m, it, e, found, s, h);
+        if (floored > 0) --floored;
+      } else {
+        exp_pass<true, true, false>(z, V, m, it, e, found, s, h);
+        unfloored = !std::isnan(h);
+        if (!unfloored) {  // a -inf (or NaN) logit: h again with the floors (e_v is already stored, and the same)
+          exp_pass<true, false>(z, V, m, it, nullptr, found, s, h);
+          floored = kStickyRows;
+        }
+      }
       const RowSums rs = finish(found, s, h);
       const A ls = static_cast<A>(rs.log_sum);
       const A lp = row_logp(zy, m, it, ls);
@@ -429,18 +475,30 @@ struct Rows {
         const A ec = ecoef[r];
         const double mu = h / rs.sum, kk = -static_cast<double>(it) / rs.sum;
         const A a = static_cast<A>(kk * ec), b = static_cast<A>(kk * (cf - ec * mu));
-        const A floor = sizeof(A) == 4 ? A(-200) : A(-1000);
+        const A floor = kFloor;
         // the vector loop folds it into a: a t_v = (a it) d_v, d_v = z_v - m floored at floor / it (the same bits
-        // at it = 1)
-        const VA vai(a * it), vb(b), vm(m), vdfloor(floor / it);
-        for (; i + W <= V; i += W) {
-          VA x[N];
-          Io<T>::load(z + i, x);  // the cache-hot reread; g may be z or e: the chunk is read before it is written
-          for (int q = 0; q < N; ++q) {
-            const VA d = at::vec::maximum(x[q] - vm, vdfloor);
-            x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(vai, d, vb);
+        // at it = 1). Without the floor where h says every t_v is finite: then d_v is a finite A, and with
+        // |a it| <= 1/2, |b| <= max/4 the factor (a it) d_v + b is finite, so an e_v = 0 gives 0 (as floored);
+        // elsewhere a floor that binds has t_v <= floor, e_v = 0, 0 either way.
+        const A ai = a * it;
+        const VA vai(ai), vb(b), vm(m), vdfloor(floor / it);
+        if (unfloored && std::abs(ai) <= A(0.5) && std::abs(b) <= std::numeric_limits<A>::max() / 4) {
+          for (; i + W <= V; i += W) {
+            VA x[N];
+            Io<T>::load(z + i, x);  // the cache-hot reread; g may be z or e: the chunk is read before it is written
+            for (int q = 0; q < N; ++q) x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(vai, x[q] - vm, vb);
+            Io<T>::store(g + i, x);
           }
-          Io<T>::store(g + i, x);
+        } else {
+          for (; i + W <= V; i += W) {
+            VA x[N];
+            Io<T>::load(z + i, x);
+            for (int q = 0; q < N; ++q) {
+              const VA d = at::vec::maximum(x[q] - vm, vdfloor);
+              x[q] = VA::loadu(e + i + q * L) * at::vec::fmadd(vai, d, vb);
+            }
+            Io<T>::store(g + i, x);
+          }
         }
         for (; i < V; ++i) {
           const A t = smax((static_cast<A>(z[i]) - m) * it, floor);

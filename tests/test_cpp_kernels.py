@@ -355,6 +355,47 @@ def test_minus_inf_target_with_the_entropy_term(device):
         torch.testing.assert_close(gr.double().cpu(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("order", ["finite_first", "inf_first"])
+def test_entropy_floors_at_their_boundary(device, dtype, temperature, order):
+    """The entropy paths run without their floors on t_v = (z_v − m)/τ (which turn a −inf logit's 0·(−inf) into 0)
+    and sum a row again with them where that made the entropy sum NaN; after such a row the next rows take the
+    floors from the start. Rows whose spread sits just inside and outside the last pass's floor (−200/τ in fp32,
+    −1000/τ in fp64, where exp is 0), far outside (finite logits of −1e30 and −3e38, which overflow t_v to −inf at
+    τ < 1) and a −inf entry, in the vector body and the scalar tail, before or after the −inf rows: the entropy,
+    log-probs and the gradient with ent_coef match fp64 autograd of the reference, finite, the far entries exactly
+    0; the same bits from fwd, and from fwd_grad without ent_coef in place (z overwritten by the exp pass)."""
+    v = 300  # vector body + tail at every SIMD width
+    floor = 1000.0 if dtype == torch.float64 else 200.0
+    spreads = [floor * temperature - 1, floor * temperature + 1, floor / temperature + 1, 1e30, 3e38, float("inf")]
+    if order == "inf_first":
+        spreads = spreads[::-1]
+    rows = torch.randn(len(spreads), 2, v, dtype=torch.float64)
+    rows[..., 0] = 5.0  # the max
+    for r, c in enumerate(spreads):
+        rows[r, 0, 3] = rows[r, 1, v - 2] = 5.0 - c  # one in the body, one in the tail
+    z = rows.to(dtype).to(device)
+    if dtype != torch.float64:  # the finite spreads stay finite in the logits' dtype
+        assert torch.isfinite(z[[r for r, c in enumerate(spreads) if c != float("inf")]]).all()
+    tok = torch.randint(1, v - 3, (len(spreads), 2), device=device)
+    keep = torch.ones(len(spreads), 2, dtype=torch.bool, device=device)
+    coef = torch.randn(len(spreads), 2, dtype=_acc(dtype), device=device)
+    ec = torch.randn(len(spreads), 2, dtype=_acc(dtype), device=device)
+    want, _, rl, rh = _entropy_objective_grad(z.cpu(), tok.cpu(), keep.cpu(), coef.cpu(), ec.cpu(), temperature)
+    logp, lse, ent, g = cx.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, ent_coef=ec)
+    f_logp, f_lse, f_ent = cx.logprobs_fwd(z, tok, keep, temperature, True)
+    assert torch.equal(ent, f_ent) and torch.equal(logp, f_logp) and torch.equal(lse, f_lse)
+    torch.testing.assert_close(ent.cpu(), rh.to(ent.dtype), **_tol(dtype))
+    torch.testing.assert_close(logp.cpu(), rl.to(logp.dtype), **_tol(dtype))
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g.double().cpu(), want, **_gtol(dtype))
+    assert (g[:, 0, 3] == 0).all() and (g[:, 1, v - 2] == 0).all()
+    zc = z.clone()
+    ip = cx.logprobs_fwd_grad(zc, tok, keep, coef, temperature, True, out=zc)
+    assert torch.equal(ip[2], ent) and torch.equal(ip[0], logp) and torch.isfinite(zc).all()
+
+
 def test_large_vocabulary_rows(device):
     v = 262_144
     for dtype in (torch.float32, torch.bfloat16):
