@@ -92,6 +92,44 @@ def confident_rows_case(device="cpu", dtype=torch.bfloat16):
     return z, tok.to(device), torch.ones(s, t, device=device), torch.randn(s, device=device)
 
 
+def confident_target_rows(device, dtype, temperature, R=48, V=4099, seed=0):
+    """fp32 values of ``dtype`` logits whose targets sit 20–40 logits (×τ) above every other class (1 − p_y from
+    ~1e-7 down to ~1e-17), -inf entries in one row, one target in the scalar tail; and the fp64 references
+    ``log p_y = −log1p(rest)`` and ``1 − p_y = rest/(1 + rest)``, ``rest = Σ_{v≠y} exp((z_v − z_y)/τ)``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, R, V, generator=g, dtype=torch.float64) * 2
+    tok = torch.randint(0, V, (1, R), generator=g)
+    tok[0, 1] = V - 1
+    z[0, 0, : V // 2] = float("-inf")
+    tok[0, 0] = V - 3
+    gap = 20 + 20 * torch.rand(R, generator=g, dtype=torch.float64)
+    z[0, torch.arange(R), tok[0]] = z[0].max(-1).values + gap * temperature
+    z = z.to(dtype)
+    zd = z.double()
+    d = (zd - zd.gather(-1, tok[..., None])) / temperature
+    others = d.scatter(-1, tok[..., None], float("-inf"))
+    rest = others.exp().sum(-1)
+    # allowed relative error: 8 ulps plus the rounding of the exponent argument of the closest class, in log2
+    # units |u|·2⁻²⁴ (an fp32 exp(t) of |t| ≈ 20–40 carries it; see tests/test_cuda_rowmath.py)
+    bound = 2.0 ** -24 * (8 + others.max(-1).values.abs() * 1.4426950408889634)
+    return z.to(device), tok.to(device), -torch.log1p(rest), rest / (1 + rest), bound
+
+
+def confident_entropy_reference(z, tok, temperature):
+    """fp64 ``(H, t_y − mu)`` of rows whose target is the max (as in :func:`confident_target_rows`), summed from
+    non-negative parts relative to the target: ``H = log1p(rest) − Σ_{v≠y} e_v t_v / (1 + rest)`` and
+    ``t_y − mu = log p_y + H = −Σ_{v≠y} e_v t_v / (1 + rest)``, ``t_v = (z_v − z_y)/τ``, ``e_v = exp(t_v)``
+    (``-inf`` entries contribute 0) -- exact where p_y ≈ 1, unlike ``lse − Σ p_v z_v/τ``."""
+    zd = z.double().cpu()
+    ti = tok.cpu()[..., None]
+    t = (zd - zd.gather(-1, ti)) / temperature
+    e = t.exp().scatter(-1, ti, 0.0)
+    et = torch.where(e > 0, e * t, torch.zeros_like(e))
+    rest = e.sum(-1)
+    ty_mu = -et.sum(-1) / (1 + rest)
+    return torch.log1p(rest) + ty_mu, ty_mu
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Adapters: the reference's loss functions called with the old flat keyword dicts
 # ----------------------------------------------------------------------------------------------------------

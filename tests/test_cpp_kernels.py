@@ -27,6 +27,7 @@ import grpo_kernels as gk
 from grpo_kernels import kernels as backends
 from grpo_kernels import reference as ref
 
+import kernel_cases as KC
 from kernel_cases import DTYPES, G, LOSS_TYPES, S, T, V  # noqa: F401 - shared parity matrix
 from kernel_cases import acc_dtype as _acc
 from kernel_cases import gtol as _gtol
@@ -259,36 +260,13 @@ def test_fwd_grad_ent_coef_errors(device):
         cx.logprobs_fwd_grad(z.double(), tok, keep, row.double(), 1.0, False, ent_coef=row)
 
 
-def _confident_rows(device, dtype, temperature, R=48, V=4099, seed=0):
-    """fp32 values of ``dtype`` logits whose targets sit 20–40 logits (×τ) above every other class (1 − p_y from
-    ~1e-7 down to ~1e-17), -inf entries in one row, one target in the scalar tail; and the fp64 references
-    ``log p_y = −log1p(rest)`` and ``1 − p_y = rest/(1 + rest)``, ``rest = Σ_{v≠y} exp((z_v − z_y)/τ)``."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(1, R, V, generator=g, dtype=torch.float64) * 2
-    tok = torch.randint(0, V, (1, R), generator=g)
-    tok[0, 1] = V - 1
-    z[0, 0, : V // 2] = float("-inf")
-    tok[0, 0] = V - 3
-    gap = 20 + 20 * torch.rand(R, generator=g, dtype=torch.float64)
-    z[0, torch.arange(R), tok[0]] = z[0].max(-1).values + gap * temperature
-    z = z.to(dtype)
-    zd = z.double()
-    d = (zd - zd.gather(-1, tok[..., None])) / temperature
-    others = d.scatter(-1, tok[..., None], float("-inf"))
-    rest = others.exp().sum(-1)
-    # allowed relative error: 8 ulps plus the rounding of the exponent argument of the closest class, in log2
-    # units |u|·2⁻²⁴ (an fp32 exp(t) of |t| ≈ 20–40 carries it; see tests/test_cuda_rowmath.py)
-    bound = 2.0 ** -24 * (8 + others.max(-1).values.abs() * 1.4426950408889634)
-    return z.to(device), tok.to(device), -torch.log1p(rest), rest / (1 + rest), bound
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
     """Targets with p_y = 1 − (1e-7 … 1e-17): log p_y (fwd and fwd_grad) and the target's gradient c·(1 − p_y)/τ
     (fwd_grad, also with ent_coef; the two-pass bwd, also with grad_entropy) to fp32 relative accuracy -- the sum of the other classes is never rounded
     against the target's term (the earlier CPU kernels lost up to ~60% of 1 − p_y here, the CUDA ones all of it)."""
-    z, tok, ref_lp, ref_omp, bound = _confident_rows(device, dtype, temperature)
+    z, tok, ref_lp, ref_omp, bound = KC.confident_target_rows(device, dtype, temperature)
     R = tok.shape[1]
     keep = torch.ones_like(tok, dtype=torch.bool)
     coef = torch.linspace(-2, 2, R, device=device)[None]
@@ -306,10 +284,7 @@ def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
     ec = torch.linspace(1, -1, R, device=device)[None]
     g2 = cx.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, ent_coef=ec)[3]
     zd = z.double().cpu()
-    t = (zd - zd.gather(-1, tok.cpu()[..., None])) / temperature
-    e = t.exp().scatter(-1, tok.cpu()[..., None], 0.0)
-    et = torch.where(e > 0, e * t, torch.zeros_like(e))  # (-inf entries: e = 0)
-    ty_mu = -et.sum(-1) / (1 + e.sum(-1))  # t_y − mu (the target is the max: t_y = 0 relative to it)
+    ref_h, ty_mu = KC.confident_entropy_reference(z, tok, temperature)  # t_y − mu: the target is the max
     want2 = (coef.double().cpu() * ref_omp - ec.double().cpu() * (1 - ref_omp) * ty_mu) / temperature
     gy2 = g2.gather(-1, tok[..., None])[..., 0].double().cpu()
     assert ((gy2 / want2 - 1).abs() <= tol + 1e-6).all()
@@ -318,6 +293,9 @@ def test_confident_targets_keep_relative_accuracy(device, dtype, temperature):
     # Allowed: 8 ulps, the rounding of each term's exponent argument z_v/τ − lse (|z_v/τ| + |t_v| ulps, weighted by
     # the terms) and the error of the fp32 lse itself (a factor common to every p_v), + the gradient's rounding
     _, lse, ent = cx.logprobs_fwd(z, tok, keep, temperature, True)
+    # the entropy of a confident row (tiny, ~rest·|t|) to relative accuracy, from fwd and fwd_grad alike
+    assert ((ent.double().cpu() / ref_h - 1).abs() <= 64 * bound).all()
+    assert torch.equal(cx.logprobs_fwd_grad(z, tok, keep, coef, temperature, True)[2], ent)
     zt = zd / temperature
     lse_true = torch.logsumexp(zt, -1)
     t_v = zt - lse_true[..., None]

@@ -331,6 +331,41 @@ def test_fwd_grad_with_ent_coef(triton_interpret, dtype, temperature):
     assert torch.equal(g0, g1) and torch.equal(ent3, ent4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_confident_targets_keep_entropy_accuracy(triton_interpret, dtype, temperature):
+    """Targets with p_y = 1 − (1e-7 … 1e-17) (the target the max): the entropy (tiny, ~(1 − p_y)·|t|) and the
+    entropy term of the target's gradient entry, ``−g_H·p_y·(log p_y + H)/τ``, keep their relative accuracy in the
+    forward, the one-pass kernel with ``ent_coef`` and the two-pass backward with ``grad_entropy``: H is summed
+    relative to the target's logit (``lse − Σ p z`` kept only ~|lse|·6e-8 absolute: all of H was lost here)."""
+    z, tok, ref_lp, ref_omp, bound = KC.confident_target_rows("cpu", dtype, temperature, R=24, V=1031)
+    R = tok.shape[1]
+    keep = torch.ones_like(tok, dtype=torch.bool)
+    ref_h, ty_mu = KC.confident_entropy_reference(z, tok, temperature)
+    coef = torch.linspace(-2, 2, R)[None]
+    ec = torch.linspace(1, -1, R)[None]
+    lp, lse, ent = tk.logprobs_fwd(z, tok, keep, temperature, True, block_v=256)
+    assert ((lp.double() / ref_lp - 1).abs() <= bound).all()
+    assert ((ent.double() / ref_h - 1).abs() <= 4 * bound).all(), ((ent.double() / ref_h - 1).abs() / bound).max()
+    # the target entry (coef (1 − p_y) − ent_coef p_y (log p_y + H))/τ, log p_y + H = t_y − mu
+    want = (coef.double() * ref_omp - ec.double() * (1 - ref_omp) * ty_mu) / temperature
+    tol = 4 * bound + (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24)  # + the rounding to the gradient
+    _, _, ent2, g = tk.logprobs_fwd_grad(z, tok, keep, coef, temperature, False, ent_coef=ec, block_v=256)
+    assert torch.equal(ent2, ent)
+    gy = g.gather(-1, tok[..., None])[..., 0].double()
+    assert ((gy / want - 1).abs() <= tol).all(), ((gy / want - 1).abs() / tol).max()
+    # two-pass, from the saved fp32 lse and H: log p_y = log1p(−Σ_{v≠y} p_v); each p_v carries the error of the
+    # fp32 lse (a factor common to the terms) and of its exponent argument z_v/τ − lse
+    zt = z.double() / temperature
+    lse_true = torch.logsumexp(zt, -1)
+    w = (zt - lse_true[..., None]).exp().scatter(-1, tok[..., None], 0.0)
+    arg = torch.where(w > 0, zt.abs() + (zt - lse_true[..., None]).abs(), torch.zeros_like(zt))
+    bwd_tol = 2.0 ** -24 * (8 + (w * arg).sum(-1) / w.sum(-1)) + (lse.double() - lse_true).abs() + tol
+    g2 = tk.logprobs_bwd(coef, ec, z, tok, keep, lse, ent, temperature, block_v=256)
+    gy2 = g2.gather(-1, tok[..., None])[..., 0].double()
+    assert ((gy2 / want - 1).abs() <= bwd_tol).all(), ((gy2 / want - 1).abs() / bwd_tol).max()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The public API with backend="triton" (one-pass and two-pass paths, through the custom ops)
 # ----------------------------------------------------------------------------------------------------------

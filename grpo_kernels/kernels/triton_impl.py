@@ -36,7 +36,9 @@ Design (docs/design.md §5-6):
   chosen from V and the dtype.
 * Confident tokens (p_y ~ 1): ``log p_y = −log1p(Σ_{v≠y} e^{z_v−z_y})`` and the target's gradient uses
   ``1 − p_y = Σ_{v≠y} p_v``, both summed over the other classes, so neither is the cancellation
-  ``z_y − lse`` / ``1 − exp(ℓ)`` (which in fp32 leaves nothing of a 1 − p_y below ~1e-7).
+  ``z_y − lse`` / ``1 − exp(ℓ)`` (which in fp32 leaves nothing of a 1 − p_y below ~1e-7). The entropy is
+  summed relative to the running max (:func:`_softmax_step`, :func:`_entropy`), so a confident row's small H
+  and the entropy term of its target's gradient keep their relative accuracy too.
 * Deterministic: every row is reduced by one program in a fixed order; there are no atomics. The chunking
   follows the row split, i.e. each row's address modulo 16 bytes: the same values in another layout (a strided
   view whose rows start elsewhere modulo 16) may round differently, in the interpreter as on the GPU; the same
@@ -113,30 +115,47 @@ def _edge_offsets(head, body, V, VEC: tl.constexpr):
     return rel, tl.where(e < 0, e >= -head, rel < V - head)
 
 
-def _softmax_step(z, cols, y, m, l_other, w, WITH_ENTROPY: tl.constexpr):
+def _softmax_step(z, cols, y, zy, y_seen, m, l_other, w, WITH_ENTROPY: tl.constexpr):
     """One chunk ``z`` (= logits/τ, ``-inf`` where masked) of the online softmax: the running max ``m``, the
-    running ``Σ_{v≠y} e^{z_v−m}`` and (entropy) ``Σ_v e^{z_v−m}·z_v``, each rescaled to the new max. ``cols``
-    (the chunk's positions) and ``y`` (the target's) may be counted from any common origin, here and below."""
+    running ``Σ_{v≠y} e^{z_v−m}`` and (entropy) ``w = Σ_v e^{z_v−m}·(z_v − m)`` (≤ 0, relative to the max: see
+    :func:`_entropy`), each rescaled to the new max. ``cols`` (the chunk's positions) and ``y`` (the target's) may
+    be counted from any common origin, here and below; ``zy`` is the target's z and ``y_seen`` whether an earlier
+    chunk held it (its term is then part of the sum that moves ``w`` to the new max)."""
     m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(z.dtype)  # all -inf so far: no NaN
     alpha = tl.exp(m - m_ref)
     e = tl.exp(z - m_ref)
-    l_other = l_other * alpha + tl.reduce(tl.where(cols == y, 0.0, e), 0, tl.standard._sum_combine)
     if WITH_ENTROPY:  # p = 0, z = -inf contributes 0, not NaN
-        w = w * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z), 0, tl.standard._sum_combine)
+        # Σ e^{z−m}(z − m_ref) = Σ e^{z−m}(z − m) + (m − m_ref)·Σ e^{z−m} over the earlier chunks
+        seen = l_other + tl.where(y_seen & (m > float("-inf")), tl.exp(zy - m), 0.0)
+        shift = tl.where(seen > 0.0, m - m_ref, 0.0) * seen  # (no -inf * 0 before any finite z)
+        w = (w + shift) * alpha + tl.reduce(e * tl.where(e == 0.0, 0.0, z - m_ref), 0, tl.standard._sum_combine)
+    l_other = l_other * alpha + tl.reduce(tl.where(cols == y, 0.0, e), 0, tl.standard._sum_combine)
     return m_new, l_other, w
+
+
+def _log1p(x):
+    """``log(1 + x)`` to relative accuracy for small ``x`` (x > −1), from log (Goldberg)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 def _row_stats(l_other, zy, m):
     """``(log p_y, lse, l = Σ_v e^{z_v−m})`` of a reduced row. ``log p_y = −log1p(l_other / e_y)`` (accurate
-    when p_y ~ 1, unlike ``z_y − lse``), with log1p from log (Goldberg)."""
+    when p_y ~ 1, unlike ``z_y − lse``)."""
     e_y = tl.exp(zy - m)
     l = l_other + e_y
     log_l = tl.log(l)
     x = l_other / tl.where(e_y > 0.0, e_y, 1.0)
-    u = 1.0 + x
-    log1p_x = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
-    return tl.where(e_y > 0.0, -log1p_x, (zy - m) - log_l), m + log_l, l
+    return tl.where(e_y > 0.0, -_log1p(x), (zy - m) - log_l), m + log_l, l
+
+
+def _entropy(logp, lse, zy, m, w, l):
+    """``H = lse − Σ_v p_v z_v = log l − Σ_v p_v (z_v − m)``, ``l = Σ_v e^{z_v−m}``, from ``w`` of
+    :func:`_softmax_step`: two non-negative parts, so a confident row's small H keeps its relative accuracy
+    (``lse − Σ p z`` kept only ~``|lse|·6e-8``). ``log l = −log p_y`` (a log1p) when the target is the max."""
+    log_l = tl.where(zy == m, -logp, tl.log(l))
+    return log_l - w / l
 
 
 def _store_rounded(ptrs, x, mask, RNE_BF16: tl.constexpr):
@@ -176,13 +195,15 @@ def _bwd_chunk(z, cols, y, g, gh, lse, mean_z, scale, HAS_GRAD_ENT: tl.constexpr
     return grad * scale, tl.reduce(tl.where(cols == y, 0.0, p), 0, tl.standard._sum_combine)
 
 
-def _fwd_grad_chunk(z, cols, y, lse, c, c_y, ge, mean_z, HAS_ENT_COEF: tl.constexpr):
-    """The one-pass gradient on one chunk: ``c·(1[v=y] − p_v) − ge·p_v·(z_v − mean_z)`` with ``c = coef/τ``,
-    ``ge = ent_coef/τ`` and the target's ``c·(1 − p_y)`` given as ``c_y`` (computed without cancellation)."""
+def _fwd_grad_chunk(z, cols, y, lse, c, c_y, ge, m, mean_t, HAS_ENT_COEF: tl.constexpr):
+    """The one-pass gradient on one chunk: ``c·(1[v=y] − p_v) − ge·p_v·(z_v − m − mean_t)`` with ``c = coef/τ``,
+    ``ge = ent_coef/τ``, ``mean_t = Σ_v p_v (z_v − m)`` (so ``z_v − m − mean_t = log p_v + H``, relative to the
+    row max: the max's own factor is ``−mean_t``, small and accurate when its p ≈ 1) and the target's
+    ``c·(1 − p_y)`` given as ``c_y`` (computed without cancellation)."""
     p = tl.exp(z - lse)
     grad = tl.where(cols == y, c_y, -c * p)
     if HAS_ENT_COEF:
-        grad -= ge * p * tl.where(p == 0.0, 0.0, z - mean_z)  # p = 0 (z = -inf) -> 0, not NaN
+        grad -= ge * p * tl.where(p == 0.0, 0.0, (z - m) - mean_t)  # p = 0 (z = -inf) -> 0, not NaN
     return grad
 
 
@@ -213,20 +234,21 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
     # head + tail first (they start the running statistics), then the aligned body in BLOCK_V chunks
     edge, valid = _edge_offsets(head, body, V, VEC)
     z_edge = tl.load(aligned + edge, mask=valid, other=float("-inf")).to(acc_ty) * scale
-    m, l_other, w = _softmax_step(z_edge, edge, y_rel, tl.full([], float("-inf"), acc_ty),
+    m, l_other, w = _softmax_step(z_edge, edge, y_rel, zy, tl.full([], 0, tl.int1), tl.full([], float("-inf"), acc_ty),
                                   tl.full([], 0.0, acc_ty), tl.full([], 0.0, acc_ty), WITH_ENTROPY)
     offs = tl.arange(0, BLOCK_V)
     start = 0
     while start < body:
         rel = start + offs
         z = tl.load(aligned + rel, mask=rel < body, other=float("-inf")).to(acc_ty) * scale
-        m, l_other, w = _softmax_step(z, rel, y_rel, m, l_other, w, WITH_ENTROPY)
+        m, l_other, w = _softmax_step(z, rel, y_rel, zy, (y_rel < start) | (y_rel >= body), m, l_other, w,
+                                      WITH_ENTROPY)
         start += BLOCK_V
     logp, lse, l = _row_stats(l_other, zy, m)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        tl.store(ent_ptr + row, lse - w / l)
+        tl.store(ent_ptr + row, _entropy(logp, lse, zy, m, w, l))
     else:
         tl.store(ent_ptr + row, 0.0)
 
@@ -259,9 +281,11 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
     zy = tl.load(aligned + y_rel).to(acc_ty) * scale  # before the loop: out may alias the logits
     if HAS_GRAD_ENT:
         gh = tl.load(grad_ent_ptr + row)
-        mean_z = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
+        h = tl.load(ent_ptr + row)
+        mean_z = lse - h  # sum_v p_v z_v
     else:
         gh = 0.0
+        h = 0.0
         mean_z = 0.0
     # head + tail, then the aligned body
     edge, valid = _edge_offsets(head, body, V, VEC)
@@ -283,7 +307,10 @@ def _bwd_kernel(grad_logp_ptr, grad_ent_ptr,  # (S,T) accumulation dtype (grad_e
     p_y = tl.exp(zy - lse)
     g_y = g * p_other
     if HAS_GRAD_ENT:
-        g_y -= gh * p_y * tl.where(p_y == 0.0, 0.0, zy - mean_z)
+        # z_y − (lse − H) = log p_y + H, with log p_y = log1p(−Σ_{v≠y} p_v) while that sum is below 1/2 (no
+        # rounding of the saved lse in it: a confident target's tiny factor keeps its relative accuracy)
+        lpy = tl.where(p_other < 0.5, _log1p(-tl.minimum(p_other, 0.5)), zy - lse)
+        g_y -= gh * p_y * tl.where(p_y == 0.0, 0.0, lpy + h)
     g_y = g_y * scale
     tl.debug_barrier()
     _store_rounded(out_aligned + y_rel, g_y, None, RNE_BF16)
@@ -320,22 +347,24 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             aligned = tl.multiple_of(base + head, 16)  # the row is addressed from here: offset = column - head
             y_rel = tl.load(tokens_ptr + row).to(tl.int32) - head
             edge, valid = _edge_offsets(head, body, V, VEC)
+            zy = tl.load(aligned + y_rel).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
             # Pass 1: online max / sum-exp (and the entropy sum) over head + tail, then the body, as in _fwd_kernel.
             z_edge = tl.load(aligned + edge, mask=valid, other=float("-inf")).to(acc_ty) * scale
-            m, l_other, w = _softmax_step(z_edge, edge, y_rel, tl.full([], float("-inf"), acc_ty),
-                                          tl.full([], 0.0, acc_ty), tl.full([], 0.0, acc_ty), WITH_ENTROPY)
+            m, l_other, w = _softmax_step(z_edge, edge, y_rel, zy, tl.full([], 0, tl.int1),
+                                          tl.full([], float("-inf"), acc_ty), tl.full([], 0.0, acc_ty),
+                                          tl.full([], 0.0, acc_ty), WITH_ENTROPY)
             start = 0
             while start < body:
                 rel = start + offs
                 z = tl.load(aligned + rel, mask=rel < body, other=float("-inf")).to(acc_ty) * scale
-                m, l_other, w = _softmax_step(z, rel, y_rel, m, l_other, w, WITH_ENTROPY)
+                m, l_other, w = _softmax_step(z, rel, y_rel, zy, (y_rel < start) | (y_rel >= body), m, l_other,
+                                              w, WITH_ENTROPY)
                 start += BLOCK_V
-            zy = tl.load(aligned + y_rel).to(acc_ty) * scale  # read before pass 2 may overwrite it (out = logits)
             logp, lse, l = _row_stats(l_other, zy, m)
             tl.store(logp_ptr + row, logp)
             tl.store(lse_ptr + row, lse)
             if WITH_ENTROPY:
-                tl.store(ent_ptr + row, lse - w / l)
+                tl.store(ent_ptr + row, _entropy(logp, lse, zy, m, w, l))
             else:
                 tl.store(ent_ptr + row, 0.0)
             # Pass 2: reread the row and write (coef·(1[v=y] − p_v) − ent_coef·p_v·(z_v − (lse − H)))/τ: head +
@@ -347,22 +376,22 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             c_y = c * (l_other / l)
             if HAS_ENT_COEF:
                 ge = tl.load(ent_coef_ptr + row) * scale
-                mean_z = w / l  # Σ_v p_v z_v = lse − H
+                mean_t = w / l  # Σ_v p_v (z_v − m) = lse − H − m
             else:
                 ge = 0.0
-                mean_z = 0.0
+                mean_t = 0.0
             out_aligned = out_ptr + s * out_stride_s + t * out_stride_t + head
             if OUT_ALIGNED:
                 out_aligned = tl.multiple_of(out_aligned, 16)
             z_edge = tl.load(aligned + edge, mask=valid, other=float("-inf")).to(acc_ty) * scale
-            grad_edge = _fwd_grad_chunk(z_edge, edge, y_rel, lse, c, c_y, ge, mean_z, HAS_ENT_COEF)
+            grad_edge = _fwd_grad_chunk(z_edge, edge, y_rel, lse, c, c_y, ge, m, mean_t, HAS_ENT_COEF)
             _store_rounded(out_aligned + edge, grad_edge, valid, RNE_BF16)
             n_chunks = (body + BLOCK_V - 1) // BLOCK_V
             i = 0
             while i < n_chunks:
                 rel = (n_chunks - 1 - i) * BLOCK_V + offs
                 z = tl.load(aligned + rel, mask=rel < body, other=float("-inf")).to(acc_ty) * scale
-                grad = _fwd_grad_chunk(z, rel, y_rel, lse, c, c_y, ge, mean_z, HAS_ENT_COEF)
+                grad = _fwd_grad_chunk(z, rel, y_rel, lse, c, c_y, ge, m, mean_t, HAS_ENT_COEF)
                 _store_rounded(out_aligned + rel, grad, rel < body, RNE_BF16)
                 i += 1
         r += tl.num_programs(0)
@@ -374,8 +403,8 @@ def _interpreting() -> bool:
 
 
 # The device helpers the kernels call, and the kernels with their unspecialized integer arguments.
-_HELPERS = (_row_split, _edge_offsets, _softmax_step, _row_stats, _store_rounded, _zero_row, _bwd_chunk,
-            _fwd_grad_chunk)
+_HELPERS = (_row_split, _edge_offsets, _softmax_step, _log1p, _row_stats, _entropy, _store_rounded, _zero_row,
+            _bwd_chunk, _fwd_grad_chunk)
 _KERNEL_FNS = ((_fwd_kernel, ["T"]), (_bwd_kernel, ["T"]), (_fwd_grad_kernel, ["n_rows", "T"]))
 
 _KERNEL_SETS: Dict[bool, tuple] = {}  # interpreter flag -> (fwd, bwd, fwd_grad)
