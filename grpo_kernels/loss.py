@@ -129,14 +129,12 @@ def _grpo_loss(logits, tokens, rewards, mask, opts: LossOptions, *, return_metri
     per-token vectors (:mod:`grpo_kernels.packing`): ``to_loss`` maps the kernels' ``(1, N)`` outputs to that
     layout and ``to_rows`` the coefficients back."""
     if vocab_parallel_group is not None:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens with vocab_parallel_group is not supported yet: pass padded (S, T, V_r) "
-                             "shards with a mask")
         from . import vocab_parallel as _vp
 
         return _vp.grpo_loss_from_options(logits, tokens, rewards, mask, opts, group=vocab_parallel_group,
-                                          vocab_start_index=vocab_start_index, return_metrics=return_metrics,
-                                          backend=backend, inplace_backward=inplace_backward, **data)
+                                          vocab_start_index=vocab_start_index, cu_seqlens=cu_seqlens,
+                                          return_metrics=return_metrics, backend=backend,
+                                          inplace_backward=inplace_backward, **data)
     if vocab_start_index is not None:
         raise ValueError("vocab_start_index is only used with vocab_parallel_group= (a vocabulary-parallel LM head)")
     if cu_seqlens is not None:

@@ -215,7 +215,8 @@ def _check_agreement(table, names: Sequence[str]) -> None:
             raise ValueError(f"{name} differs between the ranks of the vocab-parallel group: {vals} (by rank); every "
                              "argument but the vocabulary shard must be replicated on the group")
     if len({row[6] for row in table}) > 1:
-        raise ValueError("tokens (or the mask) differ between the ranks of the vocab-parallel group: every rank must "
+        raise ValueError("tokens (or the mask) differ between the ranks of the vocab-parallel group (or, packed, "
+                         "cu_seqlens): every rank must "
                          "pass the same global token ids and mask (only the logits / weight rows are sharded)")
     if len({row[7] for row in table}) > 1:
         taus = [struct.unpack("<d", struct.pack("<q", row[7]))[0] for row in table]
@@ -249,11 +250,15 @@ def shard_bounds(group, V_local: int, vocab_start_index: Optional[int] = None, *
 def _setup(group, kind: int, local_checks, *, device: torch.device, vocab_local: int, vocab_start_index,
            tokens, mask, temperature: float, names=("S (logits.shape[0])", "T (logits.shape[1])")):
     """Group, local checks, the one all-gather, the layout and the agreement checks. Returns
-    ``(group, shard, keep)`` with ``keep`` the kernels' bool mask (or raises on every rank)."""
+    ``(group, shard, keep)`` with ``keep`` the bool mask of ``tokens``/``mask`` (or raises on every rank).
+    ``local_checks`` may return ``(tokens, mask)`` to use instead (a packed call's padded ``(S, T)`` forms, so
+    that the fingerprint also covers ``cu_seqlens``)."""
     group, rank, world = _check_group(group)
     error, keep, fp, rows, cols = None, None, None, 0, 0
     try:
-        local_checks()
+        given = local_checks()
+        if given is not None:
+            tokens, mask = given
         _v.check_int("vocab_start_index", vocab_start_index, minimum=0, allow_none=True)
         keep = _keep(tokens, mask)
         fp = _ids_fingerprint(tokens, keep)
@@ -267,6 +272,49 @@ def _setup(group, kind: int, local_checks, *, device: torch.device, vocab_local:
     shard = _layout(table, rank, world)
     _check_agreement(table, names)
     return group, shard, keep
+
+
+class _Rows(NamedTuple):
+    """The rows the kernels run over and the loss's ``(S, T)`` layout: unpacked, both are ``(S, T)``; packed
+    (``cu_seqlens``), the kernels run over ``(1, N)`` and ``pk`` maps between the two (grpo_kernels.packing)."""
+    x: Tensor  # (S, T, D) or (1, N, D): logits or hidden states in the kernels' row layout
+    tokens: Tensor  # ids in the kernels' row layout
+    pk: Optional[object]  # grpo_kernels.packing.Packing, or None
+    tokens_p: Tensor  # (S, T)
+    mask_p: Optional[Tensor]  # (S, T)
+    data: dict  # per-token keywords in the (S, T) layout
+
+    def to_loss(self, x: Tensor) -> Tensor:  # kernel rows -> (S, T)
+        return x.view(self.tokens_p.shape) if self.pk is None else self.pk.pad(x)
+
+    def to_rows(self, x: Tensor) -> Tensor:  # (S, T) -> kernel rows, flat
+        return (x if self.pk is None else self.pk.gather(x)).reshape(-1)
+
+
+def _rows_of(x: Tensor, tokens: Tensor, mask: Optional[Tensor], cu_seqlens, data: dict, name: str,
+             check) -> _Rows:
+    """Validate the row layout of a call (packed when ``cu_seqlens`` is given, as in ``grpo_loss``; ``check`` is
+    applied to ``x`` in the kernels' 3-D layout); raises TypeError/ValueError, which :func:`_setup` reports on
+    every rank."""
+    if cu_seqlens is None:
+        check(x)
+        _check_ids_tensor(tokens, tuple(x.shape[:2]), x.device)
+        return _Rows(x, tokens, None, tokens, mask, data)
+    from .packing import packed_inputs
+
+    x3, tok, _, pk, tokens_p, mask_p, data_p = packed_inputs(x, tokens, mask, cu_seqlens, data, name=name)
+    check(x3)
+    _check_ids_tensor(tok, tuple(x3.shape[:2]), x3.device)
+    return _Rows(x3, tok, pk, tokens_p, mask_p, data_p)
+
+
+def _local_size(x, cu_seqlens, dims=3) -> int:
+    """The local vocabulary size of a logits shard (0 when it is not a tensor of the expected rank)."""
+    ok = isinstance(x, Tensor) and (x.dim() == dims or (cu_seqlens is not None and x.dim() == dims - 1))
+    return x.shape[-1] if ok else 0
+
+
+_PACKED_NAMES = ("S (len(cu_seqlens) - 1)", "T (the longest sequence of cu_seqlens)")
 
 
 def _check_ids_tensor(tokens, shape, device) -> None:
@@ -525,29 +573,37 @@ def vocab_parallel_token_logprobs(logits_shard: Tensor,  # (..., V_r)
 # ----------------------------------------------------------------------------------------------------------
 def grpo_loss_from_options(logits: Tensor, tokens: Tensor, rewards: Optional[Tensor], mask: Optional[Tensor],
                            opts: LossOptions, *, group, vocab_start_index: Optional[int] = None,
-                           return_metrics: bool = False, backend: str = "auto", inplace_backward: bool = False,
-                           **data):
+                           cu_seqlens: Optional[Tensor] = None, return_metrics: bool = False, backend: str = "auto",
+                           inplace_backward: bool = False, **data):
     """:func:`vocab_parallel_grpo_loss` once the options are built: the hook for ``loss._grpo_loss`` (``data``:
     group_size, old/ref/sampling log-probs, advantages, num_items_in_batch, loss_scale). Always the two-pass schedule
-    (the gradient needs the global statistics, which exist only after the forward's all-reduces)."""
+    (the gradient needs the global statistics, which exist only after the forward's all-reduces). With
+    ``cu_seqlens`` the shard is packed, ``(N, V_r)`` or ``(1, N, V_r)``: the kernels and the all-reduces run over
+    the N rows, the eager loss over the padded ``(S, T)`` vectors (grpo_kernels.packing)."""
+    rows = []
+
     def local_checks():
-        _v.check_logits(logits, "logits")
-        _check_ids_tensor(tokens, tuple(logits.shape[:2]), logits.device)
+        r = _rows_of(logits, tokens, mask, cu_seqlens, data, "logits", lambda x: _v.check_logits(x, "logits"))
+        rows.append(r)
+        return r.tokens_p, r.mask_p
 
     device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
-    V_local = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() == 3 else 0
-    group, shard, keep = _setup(group, 3, local_checks, device=device, vocab_local=V_local,
-                                vocab_start_index=vocab_start_index, tokens=tokens, mask=mask,
-                                temperature=opts.temperature)
-    S, T, _ = logits.shape
+    group, shard, keep = _setup(group, 3, local_checks, device=device,
+                                vocab_local=_local_size(logits, cu_seqlens), vocab_start_index=vocab_start_index,
+                                tokens=tokens, mask=mask, temperature=opts.temperature,
+                                **({} if cu_seqlens is None else {"names": _PACKED_NAMES}))
+    r = rows[0]
+    S, T = r.tokens_p.shape
     _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=shard.vocab_size, device=device,
-                       dtype=logits.dtype, tokens=tokens, rewards=rewards, mask=mask, **data)
+                       dtype=r.x.dtype, tokens=r.tokens_p, rewards=rewards, mask=r.mask_p, **r.data)
     impl = _kernels.resolve_backend(backend, device)
-    m = _ref.effective_mask(tokens, mask, _ref.accumulation_dtype(logits.dtype))
+    m = _ref.effective_mask(r.tokens_p, r.mask_p, _ref.accumulation_dtype(r.x.dtype))
     with_entropy = return_metrics or opts.needs_entropy
-    logp, ent = _shard_logprobs(logits, tokens, keep, shard, opts.temperature, with_entropy, impl, group,
+    keep_rows = keep if r.pk is None else r.to_rows(keep).view(r.tokens.shape).contiguous()
+    logp, ent = _shard_logprobs(r.x, r.tokens, keep_rows, shard, opts.temperature, with_entropy, impl, group,
                                 inplace_backward)
-    return _ref.loss_from_logprobs(logp, m, rewards, opts, return_metrics=return_metrics, entropy=ent, **data)
+    return _ref.loss_from_logprobs(r.to_loss(logp), m, rewards, opts, return_metrics=return_metrics,
+                                   entropy=None if ent is None else r.to_loss(ent), **r.data)
 
 
 def vocab_parallel_grpo_loss(logits_shard: Tensor,  # (S, T, V_r)
@@ -558,6 +614,7 @@ def vocab_parallel_grpo_loss(logits_shard: Tensor,  # (S, T, V_r)
                              group,
                              group_size: int,
                              vocab_start_index: Optional[int] = None,
+                             cu_seqlens: Optional[Tensor] = None,
                              old_logprobs: Optional[Tensor] = None,
                              ref_logprobs: Optional[Tensor] = None,
                              sampling_logprobs: Optional[Tensor] = None,
@@ -571,7 +628,9 @@ def vocab_parallel_grpo_loss(logits_shard: Tensor,  # (S, T, V_r)
     """:func:`grpo_kernels.grpo_loss` when this rank holds the vocabulary shard ``logits_shard`` of the logits
     (module docstring). Same arguments, losses, metrics and validation (token ids against the *global* vocabulary);
     every argument but the shard is replicated on ``group``. The loss and metrics are identical on every rank; each
-    rank's ``backward()`` gives its shard's slice of the unsharded logits gradient.
+    rank's ``backward()`` gives its shard's slice of the unsharded logits gradient. ``cu_seqlens`` (replicated): a
+    packed batch, ``logits_shard`` ``(N, V_r)`` or ``(1, N, V_r)`` and per-token tensors ``(N,)`` (as in
+    ``grpo_loss``).
 
     **options: the loss options of :class:`~grpo_kernels.options.LossOptions`:
 
@@ -579,7 +638,8 @@ def vocab_parallel_grpo_loss(logits_shard: Tensor,  # (S, T, V_r)
     """
     opts = LossOptions.from_kwargs("vocab_parallel_grpo_loss", options)
     return grpo_loss_from_options(logits_shard, tokens, rewards, mask, opts, group=group,
-                                  vocab_start_index=vocab_start_index, return_metrics=return_metrics,
+                                  vocab_start_index=vocab_start_index, cu_seqlens=cu_seqlens,
+                                  return_metrics=return_metrics,
                                   backend=backend, inplace_backward=inplace_backward, group_size=group_size,
                                   old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                   sampling_logprobs=sampling_logprobs, advantages=advantages,
@@ -635,7 +695,8 @@ class _ShardAccumulators:
 def fused_linear_grpo_loss_from_options(hidden: Tensor, weight: Tensor, tokens: Tensor, rewards: Optional[Tensor],
                                         mask: Optional[Tensor], opts: LossOptions, *, group,
                                         bias: Optional[Tensor] = None,
-                                        vocab_start_index: Optional[int] = None, chunk_size: Optional[int] = None,
+                                        vocab_start_index: Optional[int] = None,
+                                        cu_seqlens: Optional[Tensor] = None, chunk_size: Optional[int] = None,
                                         grad_weight_accumulation: str = "auto", backend: str = "auto",
                                         return_metrics: bool = False, **data):
     """:func:`vocab_parallel_fused_linear_grpo_loss` once the options are built: the hook for
@@ -649,37 +710,47 @@ def fused_linear_grpo_loss_from_options(hidden: Tensor, weight: Tensor, tokens: 
     with the global statistics, ``out=`` the buffer) and accumulates ``g @ W_r`` (partial ``grad_hidden``),
     ``gᵀ h_c`` (``grad_weight`` of the shard) and ``Σ g`` (``grad_bias`` of the shard): 3 GEMMs. ``grad_hidden`` is
     all-reduced (SUM) over the group once at the end. The chunking is local (a rank's ``chunk_size`` default
-    depends on its shard and free memory): no collective runs per chunk."""
+    depends on its shard and free memory): no collective runs per chunk. With ``cu_seqlens``, ``hidden`` is packed
+    (``(N, H)`` or ``(1, N, H)``) and the chunks run over the N rows, as in ``fused_linear_grpo_loss``."""
     from . import fused_linear as _fl
 
+    rows = []
+
     def local_checks():
-        _fl._check_linear_args(hidden, weight, bias, chunk_size)
-        _check_ids_tensor(tokens, tuple(hidden.shape[:2]), hidden.device)
+        r = _rows_of(hidden, tokens, mask, cu_seqlens, data, "hidden",
+                     lambda x: _fl._check_linear_args(x, weight, bias, chunk_size))
+        rows.append(r)
+        return r.tokens_p, r.mask_p
 
     device = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
     V_local = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
     group, shard, keep = _setup(group, 4, local_checks, device=device, vocab_local=V_local,
                                 vocab_start_index=vocab_start_index, tokens=tokens, mask=mask,
                                 temperature=opts.temperature,
-                                names=("S (hidden.shape[0])", "T (hidden.shape[1])"))
-    S, T, H = hidden.shape
+                                names=_PACKED_NAMES if cu_seqlens is not None else
+                                ("S (hidden.shape[0])", "T (hidden.shape[1])"))
+    r = rows[0]
+    data = r.data
+    S, T = r.tokens_p.shape
+    H = r.x.shape[-1]
+    n_rows = r.x.shape[0] * r.x.shape[1]  # S·T, or N packed
     V_r = weight.shape[0]
     grad_w_dtype = _fl.grad_weight_accumulator_dtype(grad_weight_accumulation, weight.dtype, V_r, H)
     _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=shard.vocab_size, device=device,
-                       dtype=hidden.dtype, tokens=tokens, rewards=rewards, mask=mask, **data)
+                       dtype=hidden.dtype, tokens=r.tokens_p, rewards=rewards, mask=r.mask_p, **data)
     impl = _kernels.resolve_backend(backend, device)
 
     acc = _ref.accumulation_dtype(hidden.dtype)
-    m = _ref.effective_mask(tokens, mask, acc)
-    plan = _fl.plan_chunks(m, hidden, weight, bias, chunk_size, opts, data)
-    h2 = hidden.detach().reshape(S * T, H)
-    keep1 = keep.reshape(-1)
-    y_local, own = _local_targets(tokens.reshape(-1), keep1, shard)
+    m = _ref.effective_mask(r.tokens_p, r.mask_p, acc)  # (S, T): the loss's layout
+    plan = _fl.plan_chunks(r.to_rows(m).view(r.tokens.shape), r.x, weight, bias, chunk_size, opts, data)
+    h2 = r.x.detach().reshape(n_rows, H)
+    keep1 = r.to_rows(keep)
+    y_local, own = _local_targets(r.tokens.reshape(-1), keep1, shard)
     w = weight.detach()
     b = None if bias is None else bias.detach()
     tau = float(opts.temperature)
     with_entropy = return_metrics or opts.needs_entropy
-    logp_r = torch.zeros(S * T, dtype=acc, device=device)
+    logp_r = torch.zeros(n_rows, dtype=acc, device=device)
     lse_r = torch.zeros_like(logp_r)
     ent_r = torch.zeros_like(logp_r) if with_entropy else None
     cap = min(plan.chunk, max(plan.rows.numel(), 1))
@@ -702,17 +773,17 @@ def fused_linear_grpo_loss_from_options(hidden: Tensor, weight: Tensor, tokens: 
 
     grads = None
     if plan.need_grad:
-        at_h = None if ent is None else ent.view(S, T)
+        at_h = None if ent is None else r.to_loss(ent)
         ent_coef = None
         if opts.entropy_coef != 0:
-            coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, at=logp.view(S, T), entropy=at_h,
+            coef, ent_coef = _ref.logprob_coefficients(m, rewards, opts, at=r.to_loss(logp), entropy=at_h,
                                                        with_entropy=True, **data)
-            ent_coef = ent_coef.reshape(-1).to(acc)
+            ent_coef = r.to_rows(ent_coef).to(acc)
         else:
-            coef = _ref.logprob_coefficients(m, rewards, opts, at=logp.view(S, T), entropy=at_h, **data)
-        coef = coef.reshape(-1).to(acc)
+            coef = _ref.logprob_coefficients(m, rewards, opts, at=r.to_loss(logp), entropy=at_h, **data)
+        coef = r.to_rows(coef).to(acc)
         ent_full = ent if ent is not None else torch.zeros_like(lse)
-        accs = _ShardAccumulators(hidden, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
+        accs = _ShardAccumulators(r.x, weight, bias, grad_w_dtype, any_rows=plan.rows.numel() > 0)
         with torch.no_grad():  # phase 2: the gradient chunk by chunk, in the chunk buffer
             for first, idx in plan.chunks():
                 k = idx.numel()
@@ -726,9 +797,11 @@ def fused_linear_grpo_loss_from_options(hidden: Tensor, weight: Tensor, tokens: 
                 accs.add(g[0], hc, w, idx, first)
                 del z, hc, g
         grads = accs.results(group)
+        if grads[0] is not None:
+            grads = (grads[0].reshape(hidden.shape),) + tuple(grads[1:])
 
-    out = _ref.loss_from_logprobs(logp.view(S, T), m, rewards, opts, return_metrics=return_metrics,
-                                  entropy=None if ent is None else ent.view(S, T), **data)
+    out = _ref.loss_from_logprobs(r.to_loss(logp), m, rewards, opts, return_metrics=return_metrics,
+                                  entropy=None if ent is None else r.to_loss(ent), **data)
     loss, metrics = out if return_metrics else (out, None)
     if grads is not None:
         loss = _fl._FusedLinearAttach.apply(hidden, weight, bias, loss, *grads)
@@ -745,6 +818,7 @@ def vocab_parallel_fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H), replicat
                                           group_size: int,
                                           bias_shard: Optional[Tensor] = None,  # (V_r,)
                                           vocab_start_index: Optional[int] = None,
+                                          cu_seqlens: Optional[Tensor] = None,
                                           old_logprobs: Optional[Tensor] = None,
                                           ref_logprobs: Optional[Tensor] = None,
                                           sampling_logprobs: Optional[Tensor] = None,
@@ -760,7 +834,7 @@ def vocab_parallel_fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H), replicat
     ``[start, end)`` of the head (``weight_shard``, ``bias_shard``); ``hidden`` and every other argument are
     replicated on ``group``. Gradients: ``hidden`` gets the full gradient (all-reduced over the group, so no further
     reduction is needed), ``weight_shard``/``bias_shard`` their own slice. Schedule and cost:
-    :func:`fused_linear_grpo_loss_from_options`.
+    :func:`fused_linear_grpo_loss_from_options`. ``cu_seqlens``: a packed batch, ``hidden`` ``(N, H)``.
 
     **options: the loss options of :class:`~grpo_kernels.options.LossOptions`:
 
@@ -769,7 +843,7 @@ def vocab_parallel_fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H), replicat
     opts = LossOptions.from_kwargs("vocab_parallel_fused_linear_grpo_loss", options)
     return fused_linear_grpo_loss_from_options(hidden, weight_shard, tokens, rewards, mask, opts, group=group,
                                                bias=bias_shard, vocab_start_index=vocab_start_index,
-                                               chunk_size=chunk_size, grad_weight_accumulation=grad_weight_accumulation,
+                                               cu_seqlens=cu_seqlens, chunk_size=chunk_size, grad_weight_accumulation=grad_weight_accumulation,
                                                backend=backend, return_metrics=return_metrics, group_size=group_size,
                                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                                sampling_logprobs=sampling_logprobs, advantages=advantages,

@@ -569,6 +569,91 @@ def case_bf16_error_like_unsharded(ctx):
 # ----------------------------------------------------------------------------------------------------------
 # Cases: bad input -> a clear ValueError on every rank (never a hang)
 # ----------------------------------------------------------------------------------------------------------
+LENGTHS = (5, 3, 1, 4)  # a packed batch of S = 4 sequences (T = 5 = the longest), N = 13 tokens
+
+
+def _packed(full, tokens, mask):
+    """The packed forms ``(N, ...)`` of padded ``(S, T, ...)`` tensors (the first ``LENGTHS[s]`` positions of each
+    sequence) and ``cu_seqlens``; the padded mask with the padding masked out."""
+    keep = torch.zeros(S, T, dtype=torch.bool)
+    for s, n in enumerate(LENGTHS):
+        keep[s, :n] = True
+    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
+    return (lambda x: x[keep]), cu, mask * keep
+
+
+@case
+def case_packed_cu_seqlens(ctx):
+    """Packed batches (``cu_seqlens``) with a vocabulary-parallel head: ``grpo_loss`` (logits shards ``(N, V_r)``)
+    and ``fused_linear_grpo_loss`` (weight shards, hidden ``(N, H)``) against the reference / the unsharded call on
+    the padded form, with per-token old/ref log-probs, KL, the entropy bonus and metrics; cu_seqlens that differ
+    between the ranks (same N, S and T) raise on every rank."""
+    import grpo_kernels as gk
+    from grpo_kernels import vocab_parallel as vp
+
+    V = vocab_sizes(ctx.world)[0]
+    full, tokens, mask, rewards = make_inputs(ctx, 1300, V)
+    pack, cu, mask_p = _packed(full, tokens, mask)
+    lp_ref = logp_reference(full, tokens).detach()
+    old = lp_ref + 0.1 * torch.randn(S, T, generator=torch.Generator().manual_seed(1301), dtype=torch.float64)
+    kw = dict(loss_type="grpo", kl_coef=0.05, entropy_coef=0.02)
+    ref, ref_m, ref_g = ref_loss(full, torch.where(mask_p > 0, tokens, -100), rewards, mask_p, torch.float64,
+                                 old_logprobs=old, ref_logprobs=lp_ref, **kw)
+    a, b = ctx.mine(V)
+    shard = pack(full.detach()[..., a:b]).clone().requires_grad_(True)
+    call = dict(group_size=G, cu_seqlens=cu, return_metrics=True, old_logprobs=pack(old), ref_logprobs=pack(lp_ref),
+                **kw)
+    for public in (True, False):  # grpo_loss(vocab_parallel_group=) and vocab_parallel_grpo_loss(group=)
+        shard.grad = None
+        if public:
+            loss, met = gk.grpo_loss(shard, pack(tokens), rewards, pack(mask), vocab_parallel_group=ctx.group, **call)
+        else:
+            loss, met = vp.vocab_parallel_grpo_loss(shard, pack(tokens), rewards, pack(mask), group=ctx.group, **call)
+        loss.backward()
+        check("packed grpo_loss loss", loss, ref, 1e-12)
+        check("packed grpo_loss grad", shard.grad, pack(ref_g[..., a:b]), 1e-12)
+        for k in ref_m:
+            check(f"packed grpo_loss metric {k}", met[k], ref_m[k], 1e-12)
+    # the fused-linear loss from weight shards, packed, against the unsharded packed call
+    Hd = 6
+    g = torch.Generator().manual_seed(1302)
+    hidden = torch.randn(S, T, Hd, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, Hd, generator=g, dtype=torch.float64)
+    for lt in ("dapo", "sapo"):
+        h0, w0 = pack(hidden).clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        want, want_m = gk.fused_linear_grpo_loss(h0, w0, pack(tokens), rewards, pack(mask), group_size=G,
+                                                 loss_type=lt, chunk_size=4, cu_seqlens=cu, entropy_coef=0.01,
+                                                 return_metrics=True)
+        want.backward()
+        h1, w1 = pack(hidden).clone().requires_grad_(True), weight[a:b].clone().requires_grad_(True)
+        got, got_m = gk.fused_linear_grpo_loss(h1, w1, pack(tokens), rewards, pack(mask), group_size=G,
+                                               loss_type=lt, chunk_size=4, cu_seqlens=cu, entropy_coef=0.01,
+                                               return_metrics=True, vocab_parallel_group=ctx.group)
+        got.backward()
+        check(f"packed fused {lt} loss", got, want, 1e-12)
+        check(f"packed fused {lt} grad_hidden", h1.grad, h0.grad, 1e-12)
+        check(f"packed fused {lt} grad_weight", w1.grad, w0.grad[a:b], 1e-12)
+        for k in want_m:
+            check(f"packed fused {lt} metric {k}", got_m[k], want_m[k], 1e-12)
+    # the packing differs between the ranks (same N, S, T): every rank raises
+    cu2 = cu.clone()
+    if ctx.rank == 1:
+        cu2[2] -= 1
+    raises(ValueError, "cu_seqlens", lambda: gk.grpo_loss(shard.detach(), pack(tokens), rewards, pack(mask),
+                                                          group_size=G, cu_seqlens=cu2,
+                                                          vocab_parallel_group=ctx.group))
+    # a bad cu_seqlens on one rank: the error there, "rejected" elsewhere
+    bad = cu.clone()
+    if ctx.rank == 0:
+        bad[-1] += 1
+        raises(ValueError, "cu_seqlens must end", lambda: gk.grpo_loss(shard.detach(), pack(tokens), rewards,
+                                                                       group_size=G, cu_seqlens=bad,
+                                                                       vocab_parallel_group=ctx.group))
+    else:
+        raises(ValueError, "rejected", lambda: gk.grpo_loss(shard.detach(), pack(tokens), rewards, group_size=G,
+                                                            cu_seqlens=bad, vocab_parallel_group=ctx.group))
+
+
 def raises(exc, match, fn):
     try:
         fn()
