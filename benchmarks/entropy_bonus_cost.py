@@ -22,11 +22,7 @@ the bonus against ``grpo_kernels.reference.grpo_loss`` once before timing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -38,28 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import grpo_kernels as gk  # noqa: E402
 from grpo_kernels import reference  # noqa: E402
 from grpo_kernels.bench import cases, harness as h  # noqa: E402
+from grpo_kernels.bench.report import run_metadata, write_script_results  # noqa: E402
 from grpo_kernels.kernels import ops  # noqa: E402
 
 ENTROPY_COEF = 0.01
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
-    except Exception:  # noqa: BLE001
-        return os.environ.get("GRPO_KERNELS_GIT_COMMIT", "unknown")
-
-
-def _device_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def paired(fa: Callable[[], object], fb: Callable[[], object], rounds: int) -> Dict[str, float]:
@@ -123,6 +101,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     g = torch.Generator().manual_seed(args.seed)
+    meta = run_metadata("cpu", copy_bw_gbps=None, cold_l2=False, quick=False,
+                        argv=sys.argv[1:] if argv is None else argv)
     load0 = list(os.getloadavg())
     rows = []
     for dtype in dtypes:
@@ -160,12 +140,10 @@ def main(argv=None) -> int:
         r = paired(lambda: kern(False), lambda: kern(True), args.rounds)
         rows.append(dict(level="kernel", dtype=str(dtype).replace("torch.", ""), loss_type="(one-pass fwd_grad)", **r))
         del logits, out
-    result = dict(device=_device_name(), cpus=os.cpu_count(), threads=torch.get_num_threads(),
-                  torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                  commit=_commit(), S=S, T=T, V=V, backend=args.backend, entropy_coef=ENTROPY_COEF,
+    result = dict(meta=meta, cpus=os.cpu_count(), S=S, T=T, V=V, backend=args.backend, entropy_coef=ENTROPY_COEF,
                   load_average_start=load0, load_average_end=list(os.getloadavg()), rows=rows)
-    lines = [f"# The entropy bonus's cost, paired timing ({result['date']}, commit {result['commit']})", "",
-             f"{result['device']}, {result['cpus']} CPUs, {result['threads']} torch threads, torch {torch.__version__}; "
+    lines = [f"# The entropy bonus's cost, paired timing ({meta['date']}, commit {str(meta['git_commit'])[:7]})", "",
+             f"{meta['device_name']}, {result['cpus']} CPUs, {meta['torch_threads']} torch threads, torch {torch.__version__}; "
              f"S×T×V = {S}×{T}×{V}, group size {args.group_size}, backend `{args.backend}`, on-policy (one pass), "
              f"entropy_coef = {ENTROPY_COEF}; {args.rounds} ABBA pairs per case; load average "
              f"{load0[0]:.2f} at the start, {result['load_average_end'][0]:.2f} at the end.", "",
@@ -178,12 +156,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "paired.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.output_dir, "paired.md"), "w") as f:
-            f.write(text + "\n![per-pair cost](paired.png)\n")
-        plot(rows, f"entropy bonus cost, {S}x{T}x{V}, {result['device']}, {result['date']}",
+        write_script_results(args.output_dir, "paired", result, text + "\n![per-pair cost](paired.png)\n")
+        plot(rows, f"entropy bonus cost, {S}x{T}x{V}, {meta['device_name']}, {meta['date']}",
              os.path.join(args.output_dir, "paired.png"))
     return 0
 

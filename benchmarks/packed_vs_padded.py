@@ -12,11 +12,7 @@ are masked), so the difference is the logits tensor itself: ``S·T_max·V`` valu
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 
 import torch
@@ -25,14 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import grpo_kernels as gk  # noqa: E402
 from grpo_kernels.bench import harness as h  # noqa: E402
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
-    except Exception:  # noqa: BLE001
-        return os.environ.get("GRPO_KERNELS_GIT_COMMIT", "unknown")
+from grpo_kernels.bench.report import run_metadata, write_script_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -87,8 +76,10 @@ def main(argv=None) -> int:
         rows.append(dict(form=name, rows=int(logits.numel() // V), logits_GB=logits.numel() * logits.element_size() / 1e9,
                          ms_median=t.median_ms, ms_p10=t.p10_ms, ms_p90=t.p90_ms,
                          peak_extra_GB=None if peak is None else peak / 1e9, peak_method=how))
-    result = dict(device=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
-                  date=datetime.date.today().isoformat(), commit=_commit(), S=S, N=N, T_max=T, V=V,
+    meta = run_metadata("cpu", copy_bw_gbps=None, cold_l2=False, quick=False,
+                        argv=sys.argv[1:] if argv is None else argv)
+    result = dict(meta=meta, device=meta["device_name"], cpus=os.cpu_count(), torch=torch.__version__,
+                  date=meta["date"], commit=meta["git_commit"], S=S, N=N, T_max=T, V=V,
                   dtype=args.dtype, loss_type=args.loss_type, backend=args.backend,
                   lengths=f"uniform [{args.min_len}, {args.max_len}]", rows=rows)
     lines = [f"# packed vs padded grpo_loss fwd+bwd ({result['date']}, commit {result['commit']})", "",
@@ -103,11 +94,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-            f.write(text)
+        write_script_results(args.output_dir, "results", result, text)
     return 0
 
 

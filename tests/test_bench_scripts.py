@@ -39,3 +39,13 @@ def test_entropy_bonus_cost_rejects_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         _load("entropy_bonus_cost").main(argv)
     assert match in capsys.readouterr().err
+
+
+def test_packed_vs_padded_writes_both_forms(tmp_path):
+    mod = _load("packed_vs_padded")
+    assert mod.main(["--sequences", "4", "--max-len", "24", "--vocab", "300", "--output-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    packed, padded = res["rows"]
+    assert (packed["form"], padded["form"]) == ("packed", "padded")
+    assert packed["rows"] == res["N"] and padded["rows"] == res["S"] * res["T_max"] and res["N"] <= padded["rows"]
+    assert res["meta"]["git_commit"] and "| packed |" in (tmp_path / "results.md").read_text()

@@ -140,6 +140,19 @@ def write_json(path: str, meta: Dict[str, object], rows: List[dict]) -> str:
     return path
 
 
+def write_script_results(out_dir: str, stem: str, result: Dict[str, object], text: str) -> List[str]:
+    """A stand-alone benchmark script's outputs (``benchmarks/*.py``): ``<stem>.json`` holding ``result`` and
+    ``<stem>.md`` holding ``text``, in ``out_dir`` (created if missing). Returns the two paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
+    with open(paths[0], "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.write("\n")
+    with open(paths[1], "w") as f:
+        f.write(text)
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------------------
