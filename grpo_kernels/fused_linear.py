@@ -309,9 +309,9 @@ def fused_linear_grpo_loss(hidden: Tensor,  # (S, T, H)
                 sampling_logprobs=sampling_logprobs, advantages=advantages, num_items_in_batch=num_items_in_batch,
                 loss_scale=loss_scale)
     if vocab_parallel_group is not None:
-        from . import vocab_parallel as _vp
+        from . import vocab_parallel_linear as _vpl
 
-        return _vp.fused_linear_grpo_loss_from_options(
+        return _vpl.fused_linear_grpo_loss_from_options(
             hidden, weight, tokens, rewards, mask, opts, group=vocab_parallel_group, bias=bias,
             vocab_start_index=vocab_start_index, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
             grad_weight_accumulation=grad_weight_accumulation, backend=backend, return_metrics=return_metrics,
