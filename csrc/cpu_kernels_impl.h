@@ -97,10 +97,6 @@ template <typename A>
 inline A smax(A a, A b) {  // NaN-propagating max
   return (std::isnan(a) || a > b) ? a : b;
 }
-template <typename A>
-inline A smin(A a, A b) {  // NaN-propagating min
-  return (std::isnan(a) || a < b) ? a : b;
-}
 
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {  // fixed-order horizontal sum

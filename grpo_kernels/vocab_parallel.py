@@ -309,9 +309,10 @@ def _rows_of(x: Tensor, tokens: Tensor, mask: Optional[Tensor], cu_seqlens, data
     return _Rows(x3, tok, pk, tokens_p, mask_p, data_p)
 
 
-def _local_size(x, cu_seqlens, dims=3) -> int:
-    """The local vocabulary size of a logits shard (0 when it is not a tensor of the expected rank)."""
-    ok = isinstance(x, Tensor) and (x.dim() == dims or (cu_seqlens is not None and x.dim() == dims - 1))
+def _local_size(x, cu_seqlens) -> int:
+    """The local vocabulary size of a logits shard: ``(S, T, V_r)``, or packed ``(N, V_r)`` / ``(1, N, V_r)``
+    (0 when it is not a tensor of such a shape; the local checks then say why)."""
+    ok = isinstance(x, Tensor) and (x.dim() == 3 or (cu_seqlens is not None and x.dim() == 2))
     return x.shape[-1] if ok else 0
 
 
@@ -592,7 +593,8 @@ def grpo_loss_from_options(logits: Tensor, tokens: Tensor, rewards: Optional[Ten
     group, shard, keep = _setup(group, 3, local_checks, device=device,
                                 vocab_local=_local_size(logits, cu_seqlens), vocab_start_index=vocab_start_index,
                                 tokens=tokens, mask=mask, temperature=opts.temperature,
-                                **({} if cu_seqlens is None else {"names": _PACKED_NAMES}))
+                                names=_PACKED_NAMES if cu_seqlens is not None else
+                                ("S (logits.shape[0])", "T (logits.shape[1])"))
     r = rows[0]
     S, T = r.tokens_p.shape
     _v.check_loss_args(opts, num_sequences=S, seq_len=T, num_classes=shard.vocab_size, device=device,

@@ -150,7 +150,7 @@ def _row_stats(l_other, zy, m):
     return tl.where(e_y > 0.0, -_log1p(x), (zy - m) - log_l), m + log_l, l
 
 
-def _entropy(logp, lse, zy, m, w, l):
+def _entropy(logp, zy, m, w, l):
     """``H = lse − Σ_v p_v z_v = log l − Σ_v p_v (z_v − m)``, ``l = Σ_v e^{z_v−m}``, from ``w`` of
     :func:`_softmax_step`: two non-negative parts, so a confident row's small H keeps its relative accuracy
     (``lse − Σ p z`` kept only ~``|lse|·6e-8``). ``log l = −log p_y`` (a log1p) when the target is the max."""
@@ -248,7 +248,7 @@ def _fwd_kernel(logits_ptr, tokens_ptr, mask_ptr,  # (S,T,V) strided rows, (S,T)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        tl.store(ent_ptr + row, _entropy(logp, lse, zy, m, w, l))
+        tl.store(ent_ptr + row, _entropy(logp, zy, m, w, l))
     else:
         tl.store(ent_ptr + row, 0.0)
 
@@ -364,7 +364,7 @@ def _fwd_grad_kernel(logits_ptr, tokens_ptr, mask_ptr, coef_ptr,  # coef (S,T) a
             tl.store(logp_ptr + row, logp)
             tl.store(lse_ptr + row, lse)
             if WITH_ENTROPY:
-                tl.store(ent_ptr + row, _entropy(logp, lse, zy, m, w, l))
+                tl.store(ent_ptr + row, _entropy(logp, zy, m, w, l))
             else:
                 tl.store(ent_ptr + row, 0.0)
             # Pass 2: reread the row and write (coef·(1[v=y] − p_v) − ent_coef·p_v·(z_v − (lse − H)))/τ: head +
